@@ -1,0 +1,44 @@
+"""fastfuse: fused GPU kernels (Triton and CUDA) for hyperspectral–multispectral image fusion."""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it. Families load on first use so that one family's import
+# cost (or a broken optional dependency) is never paid by users of another.
+_PUBLIC = {
+    "selective_scan": "fastfuse.ops.selective_scan",
+    "cross_scan": "fastfuse.ops.cross_scan",
+    "cross_merge": "fastfuse.ops.cross_scan",
+    "cross_selective_scan": "fastfuse.ops.cross_scan",
+    "ssim_map": "fastfuse.ops.ssim",
+    "ssim": "fastfuse.ops.ssim",
+    "sam_map": "fastfuse.ops.sam",
+    "select_points": "fastfuse.ops.select",
+    "gather_points": "fastfuse.ops.select",
+    "scatter_points": "fastfuse.ops.select",
+    "gather_sum_points": "fastfuse.ops.select",
+    "add_scatter_points": "fastfuse.ops.select",
+    "spectral_response": "fastfuse.ops.degrade",
+    "spatial_degrade": "fastfuse.ops.degrade",
+    "spatial_degrade_adjoint": "fastfuse.ops.degrade",
+    "spectral_response_ssim": "fastfuse.ops.degrade",
+    "spatial_degrade_sam": "fastfuse.ops.degrade",
+}
+FAMILIES = ("selective_scan", "cross_scan", "ssim", "sam", "select", "degrade")
+__all__ = sorted(_PUBLIC) + ["load_all", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in ("metrics", "flops", "nn", "backends", "reference", "ops", "data"):
+        return importlib.import_module(f"fastfuse.{name}")
+    raise AttributeError(f"module 'fastfuse' has no attribute {name!r}")
+
+
+def load_all() -> None:
+    """Import every op family, registering all torch.ops.fastfuse.* custom ops."""
+    for family in FAMILIES:
+        importlib.import_module(f"fastfuse.ops.{family}")

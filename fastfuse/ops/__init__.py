@@ -1,0 +1,1 @@
+"""Public ops: argument checks, backend dispatch and torch.library registration, one module per family."""

@@ -1,0 +1,66 @@
+"""Helpers shared by the test files (tolerances, backends to test, devices)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from fastfuse import backends
+
+# Forward tolerances against the float64 reference (mamba-ssm's test tolerances, DESIGN.md).
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (6e-4, 2e-3),
+    torch.float16: (3e-3, 5e-3),
+    torch.bfloat16: (3e-2, 5e-2),
+}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def kernel_backends(op: str, device: str = "cpu") -> list[str]:
+    """Non-reference backends that can run `op` here (triton via the interpreter on CPU)."""
+    return [b for b in backends.available_backends(op, device) if b != "torch"]
+
+
+def backend_params(op: str) -> list:
+    """pytest params over (device, backend) for every kernel backend of `op`; skipped ones say why."""
+    params = []
+    for device in ("cpu", "cuda"):
+        dev = torch.device(device)
+        for name in ("triton", "cuda"):
+            if device == "cuda" and not torch.cuda.is_available():
+                continue
+            reason = backends.unavailable_reason(op, name, dev)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            params.append(pytest.param(device, name, id=f"{device}-{name}", marks=marks))
+    return params
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *,
+                 rtol_scale: float = 1.0, atol_scale: float = 1.0, name: str = "") -> None:
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol * rtol_scale,
+                               atol=atol * atol_scale, msg=lambda m: f"{name}: {m}" if name else m)
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Same values, non-contiguous storage (a transposed copy transposed back)."""
+    out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not out.is_contiguous() or t.shape[-1] == 1 or t.shape[-2] == 1
+    return out
+
+
+def shared_data_dir() -> Optional[Path]:
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (os.environ.get("FASTFUSE_SHARED_DATA"), here.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
