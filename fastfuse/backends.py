@@ -166,3 +166,17 @@ def _fits(op: str, backend: str, numel: int) -> bool:
 
 def kernel(op: str, backend: str, which: str = "forward") -> Optional[Callable]:
     return _REGISTRY[op][backend].load(which)
+
+
+def forward_kernel(op: str, backend: str, like: "torch.Tensor") -> Callable:
+    """The forward implementation serving `backend` for tensors like `like`.
+
+    Called inside the custom op's implementation, never in traced code: resolution imports
+    modules and reads the environment, which torch.compile must not trace.
+    """
+    return kernel(op, resolve(op, backend, like.device, like.numel()), "forward")
+
+
+def backward_kernel(op: str, backend: str, like: "torch.Tensor") -> Optional[Callable]:
+    """The backward implementation for the same resolution, or None to use the reference's VJP."""
+    return kernel(op, resolve(op, backend, like.device, like.numel()), "backward")

@@ -8,6 +8,7 @@ from typing import Optional
 import pytest
 import torch
 
+import fastfuse
 from fastfuse import backends
 
 # Forward tolerances against the float64 reference (mamba-ssm's test tolerances, DESIGN.md).
@@ -32,6 +33,7 @@ def kernel_backends(op: str, device: str = "cpu") -> list[str]:
 
 def backend_params(op: str) -> list:
     """pytest params over (device, backend) for every kernel backend of `op`; skipped ones say why."""
+    getattr(fastfuse, op)  # importing the family registers its backends
     params = []
     for device in ("cpu", "cuda"):
         dev = torch.device(device)

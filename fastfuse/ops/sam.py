@@ -18,7 +18,7 @@ backends.set_preference(OP, ("cuda", "triton", "torch"))
 
 @torch.library.custom_op("fastfuse::sam_map", mutates_args=())
 def _sam_map(x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float, backend: str) -> torch.Tensor:
-    return backends.kernel(OP, backend)(x, y, degrees, eps)
+    return backends.forward_kernel(OP, backend, x)(x, y, degrees, eps)
 
 
 @_sam_map.register_fake
@@ -29,7 +29,7 @@ def _(x, y, degrees, eps, backend):
 @torch.library.custom_op("fastfuse::sam_map_backward", mutates_args=())
 def _sam_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    kernel = backends.kernel(OP, backend, "backward")
+    kernel = backends.backward_kernel(OP, backend, x)
     if kernel is None:
         gx, gy = reference_vjp(reference.sam_map, (x, y), (grad,), degrees=degrees, eps=eps)
         return gx, gy
@@ -67,8 +67,7 @@ def sam_map(x: torch.Tensor, y: torch.Tensor, *, degrees: bool = True, eps: floa
     check_tensor(OP, "y", y, ndim=4)
     check_same_shape(OP, x=x, y=y)
     check_same_dtype(OP, x=x, y=y)
-    device = check_same_device(OP, x=x, y=y)
+    check_same_device(OP, x=x, y=y)
     if x.shape[1] == 0:
         raise ValueError(f"fastfuse.{OP}: x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
-    name = backends.resolve(OP, backend, device, x.numel())
-    return torch.ops.fastfuse.sam_map(x, y, bool(degrees), float(eps), name)
+    return torch.ops.fastfuse.sam_map(x, y, bool(degrees), float(eps), backend)
