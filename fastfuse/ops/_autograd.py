@@ -6,35 +6,62 @@ of the reference, which keeps every backend differentiable from the first day.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
+
+
+@contextlib.contextmanager
+def _autograd_recording():
+    """Re-enable autograd inside a custom op's implementation.
+
+    The dispatcher runs a custom op's implementation with the autograd keys excluded, so
+    operations there record no graph. torch.func.vjp works around that but breaks under a
+    TorchDispatchMode (FlopCounterMode, debug modes); lifting the exclusion for the duration of
+    the reference's forward and backward works in both.
+    """
+    keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView)
+    before = [torch._C._dispatch_tls_is_dispatch_key_excluded(k) for k in keys]
+    for k in keys:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(k, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for k, was in zip(keys, before):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, was)
 
 
 def reference_vjp(forward: Callable, inputs: Sequence[torch.Tensor | None],
                   grad_outputs: Sequence[torch.Tensor | None], **kwargs) -> list[torch.Tensor]:
     """Gradients of `forward(*inputs, **kwargs)` w.r.t. every floating tensor input.
 
-    Returns one tensor per input: zeros for an integer input, an empty tensor for a None input
-    (custom ops cannot return None). torch.func.vjp is used because a custom op's implementation
-    runs below the autograd dispatch key, where ordinary autograd records nothing.
+    Returns one tensor per input: zeros for an integer input or an input that does not reach the
+    outputs, an empty tensor for a None input (custom ops cannot return None).
     """
-    slots = [i for i, t in enumerate(inputs) if t is not None and t.is_floating_point()]
-
-    def partial(*diff):
-        args = list(inputs)
-        for i, t in zip(slots, diff):
-            args[i] = t
-        outs = forward(*args, **kwargs)
-        return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
-
-    outs, pullback = torch.func.vjp(partial, *[inputs[i] for i in slots])
-    cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
-                       for o, g in zip(outs, list(grad_outputs) + [None] * (len(outs) - len(grad_outputs))))
-    grads = dict(zip(slots, pullback(cotangents)))
-    return [torch.empty(0) if t is None else
-            grads[i] if i in grads else torch.zeros_like(t)
-            for i, t in enumerate(inputs)]
+    with _autograd_recording():
+        leaves = [t.detach().requires_grad_(True) if t is not None and t.is_floating_point() else t
+                  for t in inputs]
+        outs = forward(*leaves, **kwargs)
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grad_outputs)
+                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+        wrt = [t for t in leaves if t is not None and t.is_floating_point()]
+        grads = (torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                 if pairs and wrt else [None] * len(wrt))
+    found = iter(grads)
+    device = next(t.device for t in inputs if t is not None)
+    result = []
+    for t in leaves:
+        if t is None:
+            result.append(torch.empty(0, device=device))
+        elif not t.is_floating_point():
+            result.append(torch.zeros_like(t))
+        else:
+            g = next(found)
+            result.append(torch.zeros_like(t) if g is None else g)
+    return result
 
 
 def none_if_absent(grads: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor | None]):

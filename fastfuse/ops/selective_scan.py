@@ -1,0 +1,146 @@
+"""Public `selective_scan`: checks, backend dispatch and the torch.library registration.
+
+The forward custom op returns three tensors: the output, the last state, and the chunk start
+states (batch, D, ceil(L / chunk), N) that the Triton backward recomputes each chunk from (so no
+per-step state is ever stored). Every backend returns all three so that one fake kernel fits all;
+the reference's backward ignores the chunk states and differentiates the oracle instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastfuse import backends
+from fastfuse._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from fastfuse.ops._autograd import none_if_absent, reference_vjp
+from fastfuse.reference import selective_scan as reference
+
+OP = "selective_scan"
+MAX_D_STATE = 256
+# Time steps between saved states: the Triton backward keeps one chunk of per-step states in a
+# scratch buffer, so memory is ~(L / CHUNK + CHUNK)·N per channel; 64 balances both for L ≤ 4096.
+CHUNK = 64
+
+backends.register(OP, "torch", "fastfuse.reference.selective_scan:selective_scan_forward")
+backends.register(OP, "triton", "fastfuse.triton.selective_scan:selective_scan_forward",
+                  "fastfuse.triton.selective_scan:selective_scan_backward")
+backends.set_preference(OP, ("triton", "torch"))
+
+
+def _backend_for(u: torch.Tensor, backend: str) -> str:
+    # float64 is the gradcheck path: "auto" keeps it in the float64 reference, since the kernels'
+    # states are fp32. A kernel asked for by name still runs (fp32 states, float64 in and out).
+    return "torch" if backend == "auto" and u.dtype == torch.float64 else backend
+
+
+@torch.library.custom_op("fastfuse::selective_scan", mutates_args=())
+def _selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                    delta_softplus: bool, chunk: int, backend: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, last_state, chunk_states = backends.forward_kernel(OP, _backend_for(u, backend), u)(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    return out.contiguous(), last_state.contiguous(), chunk_states.contiguous()
+
+
+@_selective_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, backend):
+    batch, dim, length = u.shape
+    n_state = A.shape[1]
+    dtype = reference.state_dtype(u.dtype)
+    n_chunks = (length + chunk - 1) // chunk
+    return (u.new_empty(u.shape), u.new_empty((batch, dim, n_state), dtype=dtype),
+            u.new_empty((batch, dim, n_chunks, n_state), dtype=dtype))
+
+
+@torch.library.custom_op("fastfuse::selective_scan_backward", mutates_args=())
+def _selective_scan_backward(dout: torch.Tensor, dlast_state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor,
+                             A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                             z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                             chunk_states: torch.Tensor, delta_softplus: bool, chunk: int, backend: str
+                             ) -> list[torch.Tensor]:
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    kernel = backends.backward_kernel(OP, _backend_for(u, backend), u)
+    if kernel is None:
+        grads = reference_vjp(reference.selective_scan, inputs, (dout, dlast_state),
+                              delta_softplus=delta_softplus, return_last_state=True)
+    else:
+        grads = kernel(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk)
+    return [u.new_empty(0) if t is None else g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
+
+
+@_selective_scan_backward.register_fake
+def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk, backend):
+    return [u.new_empty(0) if t is None else t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, backend = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.args = (delta_softplus, chunk, backend)
+
+
+def _backward(ctx, dout, dlast_state, _dchunk_states):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    grads = torch.ops.fastfuse.selective_scan_backward(dout, dlast_state, *inputs, chunk_states, *ctx.args)
+    return (*none_if_absent(grads, inputs), None, None, None)
+
+
+_selective_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, backend: str = "auto"):
+    """Mamba's selective scan, a drop-in for mamba-ssm's `selective_scan_fn`.
+
+    u, delta, z: (batch, D, L); A: (D, N) with N ≤ 256; B, C: (batch, N, L) or grouped
+    (batch, G, N, L), channel d reading group d // (D/G); D, delta_bias: (D,).
+
+        delta ← softplus(delta + delta_bias)   (if delta_softplus; identity above 20)
+        x_t = exp(delta_t·A) ⊙ x_{t-1} + delta_t·B_t·u_t,   y_t = C_t·x_t
+        out = (y + D·u) · silu(z)
+
+    Returns out (batch, D, L) in u's dtype, or (out, x_L) with return_last_state, x_L being
+    (batch, D, N) in fp32 (float64 for float64 u). Differentiable in every tensor argument,
+    x_L included. Dtypes: u, delta, z share one float dtype; B and C are u's dtype or fp32; A, D,
+    delta_bias may be any float dtype and are used in fp32. States always accumulate in fp32.
+    L = 0 gives an empty output and a zero last state.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    if B.dim() == 3:  # one group: the grouped layout with G = 1 (a view, its gradient flows back)
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    out, last_state, _ = torch.ops.fastfuse.selective_scan(u, delta, A, B, C, D, z, delta_bias,
+                                                           bool(delta_softplus), CHUNK, backend)
+    return (out, last_state) if return_last_state else out
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias) -> None:
+    check_tensor(OP, "u", u, ndim=3)
+    batch, dim, length = u.shape
+    check_tensor(OP, "delta", delta, ndim=3, dtypes=(u.dtype,), shape=(batch, dim, length))
+    check_tensor(OP, "A", A, ndim=2, shape=(dim, None))
+    n_state = A.shape[1]
+    if not 1 <= n_state <= MAX_D_STATE:
+        raise ValueError(f"fastfuse.{OP}: A must be (D, N) with 1 ≤ N ≤ {MAX_D_STATE} state dims, "
+                         f"got shape {tuple(A.shape)}")
+    bc_dtypes = tuple(dict.fromkeys((u.dtype, torch.float32)))
+    check_tensor(OP, "B", B, ndim=(3, 4), dtypes=bc_dtypes)
+    grouped_shape = (batch, n_state, length) if B.dim() == 3 else (batch, None, n_state, length)
+    check_tensor(OP, "B", B, shape=grouped_shape)
+    check_tensor(OP, "C", C, ndim=B.dim(), dtypes=bc_dtypes, shape=B.shape)
+    if B.dim() == 4:
+        groups = B.shape[1]
+        if groups == 0 or dim % groups != 0:
+            raise ValueError(f"fastfuse.{OP}: the number of groups G = B.shape[1] must divide D = {dim} "
+                             f"(channel d reads group d // (D/G)), got B of shape {tuple(B.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_tensor(OP, name, t, ndim=1, dtypes=FLOAT_DTYPES, shape=(dim,))
+    if z is not None:
+        check_tensor(OP, "z", z, ndim=3, dtypes=(u.dtype,), shape=(batch, dim, length))
+    check_same_device(OP, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)

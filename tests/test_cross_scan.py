@@ -1,0 +1,372 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastfuse
+from testing_utils import DTYPES, TOLERANCES, backend_params, non_contiguous
+
+ODD_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 1, 9), (2, 3, 6, 1), (1, 37, 4, 33)]
+
+
+def scan_orders(H: int, W: int) -> list[list[tuple[int, int]]]:
+    """The four pixel visiting orders, written out by hand (independent of any reshape)."""
+    rows = [(h, w) for h in range(H) for w in range(W)]
+    cols = [(h, w) for w in range(W) for h in range(H)]
+    return [rows, cols, rows[::-1], cols[::-1]]
+
+
+def naive_cross_merge(ys: torch.Tensor) -> torch.Tensor:
+    """Oracle: sequence position t of direction k lands on pixel scan_orders[k][t]."""
+    B, K, C, H, W = ys.shape
+    seq = ys.reshape(B, K, C, H * W).double()
+    out = torch.zeros(B, C, H, W, dtype=torch.float64)
+    for k, order in enumerate(scan_orders(H, W)):
+        for t, (h, w) in enumerate(order):
+            out[:, :, h, w] += seq[:, k, :, t]
+    return out.reshape(B, C, H * W)
+
+
+def naive_cross_selective_scan(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                               delta_softplus=True):
+    """Oracle written from the contract's sentence, one pixel and one time step at a time, float64."""
+    B, D, H, W = x.shape
+    R, N = dt_projs_weight.shape[2], A_logs.shape[1]
+    out = torch.zeros(B, D, H, W, dtype=torch.float64)
+    for k, order in enumerate(scan_orders(H, W)):
+        A = -torch.exp(A_logs[k * D:(k + 1) * D].double())
+        for b in range(B):
+            state = torch.zeros(D, N, dtype=torch.float64)
+            for h, w in order:
+                u = x[b, :, h, w].double()
+                x_dbl = x_proj_weight[k].double() @ u
+                if x_proj_bias is not None:
+                    x_dbl = x_dbl + x_proj_bias[k].double()
+                dt, B_t, C_t = x_dbl[:R], x_dbl[R:R + N], x_dbl[R + N:]
+                delta = dt_projs_weight[k].double() @ dt + dt_projs_bias[k].double()
+                if delta_softplus:
+                    delta = torch.where(delta <= 20, torch.log1p(torch.exp(delta)), delta)
+                state = torch.exp(delta[:, None] * A) * state + (delta * u)[:, None] * B_t[None, :]
+                out[b, :, h, w] += state @ C_t + Ds[k * D:(k + 1) * D].double() * u
+    return out
+
+
+def css_params(B, D, H, W, N, R, *, bias=True, seed=0, dtype=torch.float64):
+    """Inputs at VMamba's init scales (outputs O(1)), plus some spread in A and the skip."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, bound):
+        return (torch.rand(*shape, generator=g, dtype=dtype) * 2 - 1) * bound
+
+    x = torch.randn(B, D, H, W, generator=g, dtype=dtype)
+    x_proj_weight = uniform(4, R + 2 * N, D, bound=1 / math.sqrt(D))
+    x_proj_bias = uniform(4, R + 2 * N, bound=0.1) if bias else None
+    dt_projs_weight = uniform(4, D, R, bound=R ** -0.5)
+    dt = torch.exp(torch.rand(4, D, generator=g, dtype=dtype) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt_projs_bias = dt + torch.log(-torch.expm1(-dt))
+    A_logs = torch.log(torch.arange(1, N + 1, dtype=dtype)).repeat(4 * D, 1) + uniform(4 * D, N, bound=0.2)
+    Ds = 1 + uniform(4 * D, bound=0.5)
+    return [x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds]
+
+
+def assert_close_scaled(actual, expected, dtype, *, rtol_scale=1.0, atol_scale=1.0, name=""):
+    """TOLERANCES, with atol relative to the largest expected magnitude (sums over pixels grow)."""
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol * rtol_scale,
+                               atol=atol * atol_scale * scale, msg=lambda m: f"{name}: {m}")
+
+
+def all_backends(op):
+    return [pytest.param("cpu", "torch", id="cpu-torch")] + backend_params(op)
+
+
+# ------------------------------------------------------------------------ cross_scan / cross_merge
+@pytest.mark.parametrize("device,backend", all_backends("cross_scan"))
+def test_scan_orders_explicit(device, backend):
+    # 2×3 image with pixel (h, w) holding 10·h + w:  [[0, 1, 2], [10, 11, 12]].
+    x = torch.tensor([[0.0, 1, 2], [10, 11, 12]], device=device).view(1, 1, 2, 3)
+    got = fastfuse.cross_scan(x, backend=backend)[0, :, 0].cpu()
+    expected = torch.tensor([[0.0, 1, 2, 10, 11, 12],    # row-major
+                             [0, 10, 1, 11, 2, 12],     # column-major
+                             [12, 11, 10, 2, 1, 0],     # row-major reversed
+                             [12, 2, 11, 1, 10, 0]])    # column-major reversed
+    assert torch.equal(got, expected)
+    # channel-last input gives the same sequences
+    got_cl = fastfuse.cross_scan(x.permute(0, 2, 3, 1), channel_last=True, backend=backend)[0, :, 0].cpu()
+    assert torch.equal(got_cl, expected)
+    # merging the scan of x sums the same pixel four times
+    merged = fastfuse.cross_merge(fastfuse.cross_scan(x, backend=backend).view(1, 4, 1, 2, 3), backend=backend)
+    assert torch.equal(merged.cpu(), 4 * x.cpu().view(1, 1, 6))
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("device,backend", all_backends("cross_merge"))
+def test_adjoint_and_naive_merge_float64(shape, channel_last, device, backend):
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    ys = torch.randn(B, 4, C, H, W, generator=g, dtype=torch.float64)
+    image = x.permute(0, 2, 3, 1).contiguous() if channel_last else x
+    xs = fastfuse.cross_scan(image.to(device), channel_last=channel_last, backend=backend).cpu()
+    merged = fastfuse.cross_merge(ys.to(device), channel_last=channel_last, backend=backend).cpu()
+    assert xs.shape == (B, 4, C, H * W)
+    assert merged.shape == ((B, H * W, C) if channel_last else (B, C, H * W))
+    merged_cf = merged.transpose(1, 2) if channel_last else merged
+    torch.testing.assert_close(merged_cf, naive_cross_merge(ys), rtol=1e-12, atol=1e-12)
+    # <cross_scan(x), ys> = <x, cross_merge(ys)>
+    lhs = (xs * ys.reshape(B, 4, C, H * W)).sum()
+    rhs = (x.reshape(B, C, H * W) * merged_cf).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_and_double_backward():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    ys = torch.randn(1, 4, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    for channel_last in (False, True):
+        scan = lambda t: fastfuse.cross_scan(t, channel_last=channel_last, backend="torch")  # noqa: E731
+        merge = lambda t: fastfuse.cross_merge(t, channel_last=channel_last, backend="torch")  # noqa: E731
+        assert torch.autograd.gradcheck(scan, (x,))
+        assert torch.autograd.gradgradcheck(scan, (x,))
+        assert torch.autograd.gradcheck(merge, (ys,))
+        assert torch.autograd.gradgradcheck(merge, (ys,))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 37, 33, 2)])
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device,backend", backend_params("cross_scan"))
+def test_kernel_scan_merge_forward_backward(shape, channel_last, dtype, device, backend):
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    ys64 = torch.randn(B, 4, C, H, W, generator=g, dtype=torch.float64)
+    image64 = x64.permute(0, 2, 3, 1) if channel_last else x64
+    # Non-contiguous inputs: the image through a transposed copy, the sequences as a slice.
+    image = non_contiguous(image64.to(device, dtype)).requires_grad_(True)
+    ys_big = torch.cat([ys64, ys64], dim=2).to(device, dtype)
+    ys = ys_big[:, :, ::2].detach().requires_grad_(True)
+    assert not ys.is_contiguous()
+
+    xs = fastfuse.cross_scan(image, channel_last=channel_last, backend=backend)
+    ref_xs = fastfuse.cross_scan(image.detach().double().cpu(), channel_last=channel_last, backend="torch")
+    assert xs.dtype == dtype and torch.equal(xs.double().cpu(), ref_xs)  # a copy is exact
+    merged = fastfuse.cross_merge(ys, channel_last=channel_last, backend=backend)
+    ref_merged = naive_cross_merge(ys.detach().double().cpu())
+    ref_merged = ref_merged.transpose(1, 2) if channel_last else ref_merged
+    assert merged.dtype == dtype
+    assert_close_scaled(merged, ref_merged, dtype, name="merge")
+
+    # Backward: each is the other's adjoint.
+    g_xs = torch.randn(xs.shape, generator=g, dtype=torch.float64)
+    xs.backward(g_xs.to(device, dtype))
+    ref_dx = naive_cross_merge(g_xs.to(dtype).double().reshape(B, 4, C, H, W))
+    ref_dx = ref_dx.reshape(B, C, H, W).permute(0, 2, 3, 1) if channel_last else ref_dx.reshape(B, C, H, W)
+    assert image.grad.dtype == dtype
+    assert_close_scaled(image.grad, ref_dx, dtype, name="d image")
+    g_merged = torch.randn(merged.shape, generator=g, dtype=torch.float64).to(dtype)
+    merged.backward(g_merged.to(device))
+    image_grad = g_merged.double().reshape((B, H, W, C) if channel_last else (B, C, H, W))
+    ref_dys = fastfuse.cross_scan(image_grad, channel_last=channel_last, backend="torch").reshape(B, 4, C, H, W)
+    assert torch.equal(ys.grad.double().cpu(), ref_dys)
+
+
+def test_empty_scan_and_merge():
+    assert fastfuse.cross_scan(torch.rand(0, 3, 4, 5)).shape == (0, 4, 3, 20)
+    assert fastfuse.cross_scan(torch.rand(2, 3, 0, 5)).shape == (2, 4, 3, 0)
+    assert fastfuse.cross_scan(torch.rand(2, 0, 4, 5), channel_last=True).shape == (2, 4, 5, 0)
+    assert fastfuse.cross_merge(torch.rand(0, 4, 3, 4, 5)).shape == (0, 3, 20)
+    assert fastfuse.cross_merge(torch.rand(2, 4, 3, 4, 0), channel_last=True).shape == (2, 0, 3)
+
+
+# -------------------------------------------------------------------------- cross_selective_scan
+@pytest.mark.parametrize("bias,softplus,channel_last", [(True, True, False), (False, True, True), (True, False, True)])
+def test_css_reference_matches_naive(bias, softplus, channel_last):
+    params = css_params(2, 3, 3, 4, 3, 2, bias=bias, seed=1)
+    expected = naive_cross_selective_scan(*params, delta_softplus=softplus)
+    if channel_last:
+        params[0] = params[0].permute(0, 2, 3, 1).contiguous()
+    got = fastfuse.cross_selective_scan(*params, delta_softplus=softplus, channel_last=channel_last, backend="torch")
+    expected = expected.permute(0, 2, 3, 1) if channel_last else expected
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_css_gradcheck_reference():
+    params = [p.requires_grad_(True) for p in css_params(1, 2, 2, 3, 2, 1, seed=2)]
+    fn = lambda *a: fastfuse.cross_selective_scan(*a, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, params)
+
+
+def test_css_out_dtype():
+    params = css_params(1, 4, 3, 3, 2, 1, seed=4)
+    ref = fastfuse.cross_selective_scan(*params, backend="torch")
+    half = [params[0].to(torch.bfloat16)] + [p.float() if p is not None else None for p in params[1:]]
+    out_default = fastfuse.cross_selective_scan(*half, backend="torch")
+    out_fp32 = fastfuse.cross_selective_scan(*half, out_dtype=torch.float32, backend="torch")
+    assert out_default.dtype == torch.bfloat16 and out_fp32.dtype == torch.float32
+    ref_rounded = fastfuse.cross_selective_scan(half[0].double(), *params[1:], backend="torch")
+    torch.testing.assert_close(out_fp32.double(), ref_rounded, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(out_default, ref, torch.bfloat16, name="bf16 out")
+
+
+@pytest.mark.parametrize("dtype,shape,channel_last,bias", [
+    (torch.float32, (2, 3, 5, 7, 4, 2), False, True),
+    (torch.float32, (1, 1, 1, 1, 1, 1), True, False),
+    (torch.float16, (1, 5, 3, 2, 16, 3), True, True),
+    (torch.bfloat16, (2, 4, 1, 6, 2, 1), False, False),
+])
+@pytest.mark.parametrize("device,backend", backend_params("cross_selective_scan"))
+def test_css_kernel_forward_backward(dtype, shape, channel_last, bias, device, backend):
+    B, D, H, W, N, R = shape
+    params64 = css_params(B, D, H, W, N, R, bias=bias, seed=6)
+    # x in the test dtype (non-contiguous), weights fp32 as in VMamba; the float64 reference
+    # gets the same (rounded) values, so only the kernel's own error is measured.
+    x = params64[0].to(dtype)
+    if channel_last:
+        x = x.permute(0, 2, 3, 1)
+    x = non_contiguous(x.to(device)).requires_grad_(True)
+    weights = [None if p is None else p.float().to(device).requires_grad_(True) for p in params64[1:]]
+    ref_inputs = [x.detach().double().cpu().requires_grad_(True)] + [
+        None if p is None else p.detach().double().cpu().requires_grad_(True) for p in weights]
+
+    out = fastfuse.cross_selective_scan(x, *weights, channel_last=channel_last, backend=backend)
+    ref = fastfuse.cross_selective_scan(*ref_inputs, channel_last=channel_last, backend="torch")
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_scaled(out, ref, dtype, name="out")
+
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+    out.backward(grad.to(device))
+    ref.backward(grad.double())
+    names = ["x", "x_proj_weight", "x_proj_bias", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds"]
+    for name, t, r in zip(names, [x] + weights, ref_inputs):
+        if t is None:
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype, name
+        assert_close_scaled(t.grad, r.grad, t.dtype if t.dtype != torch.float32 else dtype,
+                            rtol_scale=5, atol_scale=10, name=f"d {name}")
+
+
+def test_css_empty():
+    params = css_params(1, 3, 2, 2, 2, 1)
+    for x in (torch.rand(0, 3, 2, 2, dtype=torch.float64), torch.rand(2, 3, 0, 4, dtype=torch.float64)):
+        x.requires_grad_(True)
+        weights = [p.requires_grad_(True) for p in params[1:]]
+        out = fastfuse.cross_selective_scan(x, *weights)
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(torch.count_nonzero(w.grad) == 0 for w in weights)
+
+
+def test_bad_inputs():
+    x, w, b, wdt, bdt, a, ds = css_params(1, 3, 2, 2, 2, 1)
+    css = fastfuse.cross_selective_scan
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        fastfuse.cross_scan(x[0])
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fastfuse.cross_scan(x.long())
+    with pytest.raises(TypeError, match="channel_last must be a bool"):
+        fastfuse.cross_scan(x, channel_last=1)
+    with pytest.raises(ValueError, match="ys must be 5-D"):
+        fastfuse.cross_merge(x)
+    with pytest.raises(ValueError, match="4 scan directions"):
+        fastfuse.cross_merge(torch.rand(1, 2, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="unavailable"):
+        fastfuse.cross_scan(x, backend="cuda")
+    with pytest.raises(ValueError, match=r"x_proj_weight must have shape \(4, 5, 3\)"):
+        css(x, w[:, :4], b, wdt, bdt, a, ds)
+    with pytest.raises(ValueError, match=r"dt_projs_weight must have shape \(4, 3, \*\)"):
+        css(x, w, b, wdt[:, :2], bdt, a, ds)
+    with pytest.raises(ValueError, match=r"A_logs must have shape \(12, \*\)"):
+        css(x, w, b, wdt, bdt, a[:4], ds)
+    with pytest.raises(ValueError, match=r"x_proj_bias must have shape \(4, 5\)"):
+        css(x, w, b[:, :3], wdt, bdt, a, ds)
+    with pytest.raises(ValueError, match=r"dt_projs_bias must have shape \(4, 3\)"):
+        css(x, w, b, wdt, bdt[:2], a, ds)
+    with pytest.raises(ValueError, match=r"Ds must have shape \(12\)"):
+        css(x, w, b, wdt, bdt, a, ds[:3])
+    with pytest.raises(ValueError, match="N <= 256"):
+        css(x, torch.rand(4, 1 + 2 * 257, 3), b, wdt, bdt, torch.rand(12, 257), ds)
+    with pytest.raises(ValueError, match="at least one channel"):
+        css(x[:, :0], w[..., :0], b, wdt[:, :0], bdt[:, :0], a[:0], ds[:0])
+    with pytest.raises(ValueError, match=r"dt_projs_weight must have shape \(4, 2, \*\)"):
+        css(x, w, b, wdt, bdt, a, ds, channel_last=True)  # (1, 3, 2, 2) read as (B, H, W, D=2)
+    with pytest.raises(ValueError, match="one device"):
+        css(x, w, b, wdt, bdt, a, ds.to("meta"))
+    with pytest.raises(TypeError, match="out_dtype"):
+        css(x, w, b, wdt, bdt, a, ds, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="A_logs must have dtype"):
+        css(x, w, b, wdt, bdt, a.long(), ds)
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+
+    def scan_merge(t):
+        return fastfuse.cross_merge(fastfuse.cross_scan(t).view(2, 4, 3, 4, 5) * 2.0).sum()
+
+    compiled = torch.compile(scan_merge, fullgraph=True, backend="aot_eager")
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 8.0))
+
+    params = [p.float().requires_grad_(True) for p in css_params(1, 3, 2, 3, 2, 1)]
+    fn = torch.compile(lambda *a: fastfuse.cross_selective_scan(*a, backend="torch").square().sum(),
+                       fullgraph=True, backend="aot_eager")
+    fn(*params).backward()
+    expected = torch.autograd.grad(
+        fastfuse.cross_selective_scan(*params, backend="torch").square().sum(), params)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_reference_softplus_threshold_matches_contract():
+    # delta + bias above 20 passes through unchanged; below, softplus (F.softplus's threshold).
+    params = css_params(1, 2, 1, 2, 1, 1)
+    params[4] = torch.tensor([[25.0, -3.0]] * 4, dtype=torch.float64)
+    got = fastfuse.cross_selective_scan(*params, backend="torch")
+    expected = naive_cross_selective_scan(*params)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert F.softplus(torch.tensor(25.0)) == 25.0
+
+
+# ------------------------------------------------------------------- real shapes, GPU only
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_gpu_scan_merge_real_shapes(channel_last):
+    x = torch.randn(8, 192, 56, 56, device="cuda", dtype=torch.bfloat16)
+    image = x.permute(0, 2, 3, 1).contiguous() if channel_last else x
+    xs = fastfuse.cross_scan(image, channel_last=channel_last, backend="triton")
+    assert torch.equal(xs, fastfuse.cross_scan(image, channel_last=channel_last, backend="torch"))
+    ys = torch.randn(8, 4, 192, 56, 56, device="cuda")
+    merged = fastfuse.cross_merge(ys, channel_last=channel_last, backend="triton")
+    torch.testing.assert_close(merged, fastfuse.cross_merge(ys, channel_last=channel_last, backend="torch"),
+                               rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 192, 28, 28, 1, 6), (2, 96, 56, 56, 16, 6)])  # VMamba v2 / v0 stages
+def test_gpu_css_real_shapes(dtype, shape):
+    B, D, H, W, N, R = shape
+    params64 = [None if p is None else p.cuda() for p in css_params(B, D, H, W, N, R, bias=False, seed=8)]
+    x = params64[0].to(dtype).requires_grad_(True)
+    weights = [None if p is None else p.float().requires_grad_(True) for p in params64[1:]]
+    ref_inputs = [x.detach().double().requires_grad_(True)] + [
+        None if p is None else p.detach().double().requires_grad_(True) for p in weights]
+    out = fastfuse.cross_selective_scan(x, *weights, backend="triton")
+    ref = fastfuse.cross_selective_scan(*ref_inputs, backend="torch")
+    assert_close_scaled(out, ref, dtype, name="out")
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for name, t, r in zip(["x", "x_proj_weight", "x_proj_bias", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds"],
+                          [x] + weights, ref_inputs):
+        if t is not None:
+            assert_close_scaled(t.grad, r.grad, dtype, rtol_scale=5, atol_scale=10, name=f"d {name}")
