@@ -1,0 +1,233 @@
+"""Fusion quality metrics, each with its convention named (DESIGN.md "metrics", ANCHORS.md).
+
+Papers that report the "same" metric often compute different things (per-band or global PSNR,
+ERGAS with 100·ratio or 100/ratio, SAM with or without zero pixels, UIQI with 8 or 32 pixel
+windows), so every function here states exactly which convention it follows.
+
+Every metric is `metric(pred, target, ...)` on (B, C, H, W) tensors (any device, fp16/bf16/
+fp32/fp64) and returns a (B,) tensor, one value per image: fp32 for fp16/bf16/fp32 inputs, fp64
+for fp64 inputs (statistics are accumulated in that dtype). `target` is the reference (ground
+truth): ERGAS and RASE normalise by its means, so they are not symmetric in (pred, target).
+Everything is batched tensor code: no Python loop over bands or pixels, and no value is read
+back to the host (no .item(), no data-dependent shapes), so a GPU evaluation loop never waits on
+them. A batch of zero images gives an empty (0,) result; zero bands or pixels are an error.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastfuse._checks import (check_choice, check_positive, check_same_device, check_same_dtype,
+                              check_same_shape, check_tensor, compute_dtype)
+
+__all__ = ["psnr", "ssim", "sam", "ergas", "rmse", "rase", "uiqi", "evaluate"]
+
+PSNR_MODES = ("band", "global")
+SSIM_PADDINGS = ("valid", "zero", "reflect")
+
+
+def _prepare(fn: str, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a (pred, target) pair and return both in the accumulation dtype."""
+    name = f"metrics.{fn}"
+    check_tensor(name, "pred", pred, ndim=4)
+    check_tensor(name, "target", target, ndim=4)
+    check_same_shape(name, pred=pred, target=target)
+    check_same_dtype(name, pred=pred, target=target)
+    check_same_device(name, pred=pred, target=target)
+    if 0 in pred.shape[1:]:
+        raise ValueError(f"fastfuse.{name}: pred and target need at least one band and one pixel "
+                         f"(shape (B, C, H, W)), got {tuple(pred.shape)}")
+    dtype = compute_dtype(pred.dtype)
+    return pred.to(dtype), target.to(dtype)
+
+
+def _check_number(fn: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastfuse.metrics.{fn}: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"fastfuse.metrics.{fn}: {name} must be finite, got {value!r}")
+    check_positive(f"metrics.{fn}", name, value)
+
+
+def _band_mse(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B, C) mean squared error of every band."""
+    return (p - t).square().mean(dim=(2, 3))
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0,
+         mode: str = "band") -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB, with a fixed peak `data_range` (never inferred from data).
+
+    mode "band" (the usual choice of deep-learning fusion code): PSNR of every band,
+    10·log10(data_range² / MSE_k), averaged over the bands. mode "global": one PSNR from the MSE
+    over all bands and pixels (torchmetrics with dim=(1, 2, 3)). An exact band (MSE 0) has
+    infinite PSNR, so an exact image gives +inf in either mode.
+    """
+    p, t = _prepare("psnr", pred, target)
+    _check_number("psnr", "data_range", data_range)
+    check_choice("metrics.psnr", "mode", mode, PSNR_MODES)
+    mse = _band_mse(p, t) if mode == "band" else (p - t).square().mean(dim=(1, 2, 3))
+    value = 20.0 * math.log10(data_range) - 10.0 * torch.log10(mse)
+    return value.mean(dim=1) if mode == "band" else value
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
+         data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03, padding: str = "valid",
+         backend: str = "auto") -> torch.Tensor:
+    """Mean SSIM of every band, averaged over the bands (Wang et al. 2004).
+
+    Gaussian window (window_size, sigma), population statistics, C1 = (k1·data_range)²,
+    C2 = (k2·data_range)², computed by `fastfuse.ssim_map`. padding "valid" (the default) averages
+    only windows inside the image: skimage's structural_similarity with gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, and pytorch-msssim; "reflect" matches kornia and
+    torchmetrics ≥ 1.4.2, "zero" fused-ssim's "same". Every band has the same number of windows,
+    so the mean of the band means is the mean of the whole map.
+    """
+    p, t = _prepare("ssim", pred, target)
+    _check_number("ssim", "data_range", data_range)
+    check_choice("metrics.ssim", "padding", padding, SSIM_PADDINGS)
+    check_positive("metrics.ssim", "window_size", window_size, integer=True, odd=True)
+    if padding == "valid" and min(p.shape[2], p.shape[3]) < window_size:
+        raise ValueError(f"fastfuse.metrics.ssim: with padding='valid' the images must be at least "
+                         f"window_size={window_size} pixels high and wide, got {tuple(pred.shape)}")
+    if p.shape[0] == 0:
+        return p.new_empty(0)
+    from fastfuse.ops.ssim import ssim_map  # the op family loads on first use
+    smap = ssim_map(p, t, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
+                    padding=padding, backend=backend)
+    return smap.to(p.dtype).mean(dim=(1, 2, 3))
+
+
+def sam(pred: torch.Tensor, target: torch.Tensor, *, degrees: bool = True, eps: float = 1e-8,
+        backend: str = "auto") -> torch.Tensor:
+    """Spectral angle mapper: mean angle between the spectra at each pixel (Yuhas et al. 1992).
+
+    Averaged over the pixels whose reference and estimate spectra are both non-zero, which
+    fusion code uses so that black background does not count; "non-zero" means a norm above
+    `eps`, the same threshold below which `fastfuse.sam_map` calls a spectrum directionless.
+    Unlike torchmetrics (NaN as soon as one pixel is zero), zero pixels are excluded; an image
+    with no such pixel has no defined mean and gives NaN. Degrees by default.
+    """
+    p, t = _prepare("sam", pred, target)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"fastfuse.metrics.sam: eps must be a non-negative number, got {eps!r}")
+    if p.shape[0] == 0:
+        return p.new_empty(0)
+    from fastfuse.ops.sam import sam_map
+    angle = sam_map(p, t, degrees=degrees, eps=eps, backend=backend).to(p.dtype)
+    floor = eps * eps
+    # Written as "not below the floor" so that a NaN pixel stays in the mean and shows up.
+    valid = ~(p.square().sum(dim=1) <= floor) & ~(t.square().sum(dim=1) <= floor)
+    total = torch.where(valid, angle, torch.zeros_like(angle)).sum(dim=(1, 2))
+    return total / valid.sum(dim=(1, 2)).to(p.dtype)
+
+
+def ergas(pred: torch.Tensor, target: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Erreur relative globale adimensionnelle de synthèse (Wald 2002).
+
+    100 / ratio · sqrt(mean_k (RMSE_k / μ_k)²), with μ_k the mean of reference band k and ratio
+    the spatial resolution ratio (4 or 8), as in torchmetrics ≥ 1.4 (≤ 1.3 multiplied by ratio).
+    An exact band contributes 0 whatever its mean; an inexact band whose reference mean is 0
+    makes ERGAS infinite (the metric assumes non-negative radiance).
+    """
+    p, t = _prepare("ergas", pred, target)
+    _check_number("ergas", "ratio", ratio)
+    mse = _band_mse(p, t)
+    mean_sq = t.mean(dim=(2, 3)).square()
+    relative = torch.where(mse == 0, torch.zeros_like(mse), mse / mean_sq)
+    return (100.0 / ratio) * relative.mean(dim=1).sqrt()
+
+
+def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Global root-mean-square error over all bands and pixels, in the data's units."""
+    p, t = _prepare("rmse", pred, target)
+    return (p - t).square().mean(dim=(1, 2, 3)).sqrt()
+
+
+def rase(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relative average spectral error, global form: 100 / μ · sqrt(mean_k RMSE_k²).
+
+    μ is the mean of the whole reference image. This is the form fusion papers report (SMIF-Net);
+    the sliding-window variant of sewar/torchmetrics is a different, ~64× larger number.
+    """
+    p, t = _prepare("rase", pred, target)
+    return 100.0 * _band_mse(p, t).mean(dim=1).sqrt() / t.mean(dim=(1, 2, 3))
+
+
+def _box_mean(z: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over every block × block window (valid), as two 1-D passes: 2·block adds, not block²."""
+    return F.avg_pool2d(F.avg_pool2d(z, (1, block), stride=1), (block, 1), stride=1)
+
+
+def _box_max(z: torch.Tensor, block: int) -> torch.Tensor:
+    return F.max_pool2d(F.max_pool2d(z, (1, block), stride=1), (block, 1), stride=1)
+
+
+def _is_constant(z: torch.Tensor, block: int) -> torch.Tensor:
+    """Exactly whether each window is constant (max == min), which variances cannot tell in floats."""
+    return _box_max(z, block) == -_box_max(-z, block)
+
+
+def uiqi(pred: torch.Tensor, target: torch.Tensor, *, block: int = 8) -> torch.Tensor:
+    """Universal image quality index Q (Wang & Bovik 2002), mean over windows and bands.
+
+    Q = 4·σxy·μx·μy / ((σx² + σy²)(μx² + μy²)) in every block × block window of a uniform
+    sliding window (stride 1, valid: (H − block + 1)(W − block + 1) windows per band). block 8 is
+    Wang & Bovik's default; HySure's evaluation uses 32. Where the formula is 0/0 the convention
+    is that of Wang & Bovik's reference code (img_qi.m): two constant windows give the luminance
+    term 2·μx·μy / (μx² + μy²) (so 1 when they are equal), and 1 when that is also 0/0 (two zero
+    windows). Window constancy is tested exactly (max == min), since a rounded variance of a
+    constant window is not exactly 0; the variances are accumulated on band-centred data to limit
+    cancellation.
+    """
+    p, t = _prepare("uiqi", pred, target)
+    check_positive("metrics.uiqi", "block", block, integer=True)
+    if min(p.shape[2], p.shape[3]) < block:
+        raise ValueError(f"fastfuse.metrics.uiqi: images must be at least block={block} pixels high and "
+                         f"wide for a valid sliding window, got {tuple(pred.shape)}")
+    if p.shape[0] == 0:
+        return p.new_empty(0)
+    x, y = t, p
+    # Variances and covariance do not change under a shift; removing each band's mean keeps
+    # E[x²] − E[x]² from cancelling away the digits of small local variances.
+    x_shift = x.mean(dim=(2, 3), keepdim=True)
+    y_shift = y.mean(dim=(2, 3), keepdim=True)
+    xc, yc = x - x_shift, y - y_shift
+    mean_xc, mean_yc = _box_mean(xc, block), _box_mean(yc, block)
+    var_x = (_box_mean(xc * xc, block) - mean_xc.square()).clamp_min(0)
+    var_y = (_box_mean(yc * yc, block) - mean_yc.square()).clamp_min(0)
+    cov = _box_mean(xc * yc, block) - mean_xc * mean_yc
+    const_x, const_y = _is_constant(x, block), _is_constant(y, block)
+    zero = torch.zeros_like(var_x)
+    var_x = torch.where(const_x, zero, var_x)
+    var_y = torch.where(const_y, zero, var_y)
+    cov = torch.where(const_x | const_y, zero, cov)
+    mu_x, mu_y = mean_xc + x_shift, mean_yc + y_shift
+
+    luminance_den = mu_x.square() + mu_y.square()
+    den = (var_x + var_y) * luminance_den
+    one = torch.ones_like(den)
+    q = torch.where(den != 0, 4.0 * cov * mu_x * mu_y / torch.where(den != 0, den, one), one)
+    both_constant = const_x & const_y & (luminance_den != 0)
+    q = torch.where(both_constant, 2.0 * mu_x * mu_y / torch.where(both_constant, luminance_den, one), q)
+    return q.mean(dim=(1, 2, 3))
+
+
+def evaluate(pred: torch.Tensor, target: torch.Tensor, ratio: float, data_range: float = 1.0, *,
+             uiqi_block: int = 8, ssim_padding: str = "valid", backend: str = "auto") -> dict:
+    """All the metrics above with their defaults: {name: (B,) tensor}.
+
+    Keys: psnr (per-band mean), ssim, sam (degrees), ergas (at `ratio`), rmse, rase, uiqi
+    (block `uiqi_block`). `data_range` is the peak of PSNR and the SSIM constants' scale.
+    """
+    return {
+        "psnr": psnr(pred, target, data_range=data_range),
+        "ssim": ssim(pred, target, data_range=data_range, padding=ssim_padding, backend=backend),
+        "sam": sam(pred, target, backend=backend),
+        "ergas": ergas(pred, target, ratio),
+        "rmse": rmse(pred, target),
+        "rase": rase(pred, target),
+        "uiqi": uiqi(pred, target, block=uiqi_block),
+    }
