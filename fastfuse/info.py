@@ -1,0 +1,197 @@
+"""`fastfuse info`: what this install can do on this machine, and why not where it cannot.
+
+Everything here must work on a broken or partial install — a family that fails to import, no
+CUDA, no Triton, no compiled extension — because this is what a user runs to find out which
+of those is the case. Nothing is imported that could crash (mamba-ssm is only looked up, never
+imported: its PyPI release cannot be imported without its CUDA build).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import fastfuse
+from fastfuse import backends
+
+# Third-party packages the benchmark compares against: distribution name -> import name.
+PEERS = {
+    "pytorch-msssim": "pytorch_msssim",
+    "kornia": "kornia",
+    "torchmetrics": "torchmetrics",
+    "fused-ssim": "fused_ssim",
+    "mamba-ssm": "mamba_ssm",
+    "causal-conv1d": "causal_conv1d",
+}
+
+
+@dataclass
+class FamilyStatus:
+    family: str
+    state: str  # "ok", "absent" (module not in this build) or "error" (present but fails to import)
+    detail: str = ""
+
+
+def import_families() -> list[FamilyStatus]:
+    """Import every op family that exists, registering its ops; never raises."""
+    statuses = []
+    for family in fastfuse.FAMILIES:
+        module = f"fastfuse.ops.{family}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                statuses.append(FamilyStatus(family, "absent", f"{module} is not part of this build"))
+            else:
+                statuses.append(FamilyStatus(family, "error", f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a broken family must not take the tools down with it
+            statuses.append(FamilyStatus(family, "error", f"{type(exc).__name__}: {exc}"))
+        else:
+            statuses.append(FamilyStatus(family, "ok"))
+    return statuses
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _module_version(name: str) -> str:
+    try:
+        return getattr(importlib.import_module(name), "__version__", "unknown")
+    except Exception as exc:
+        return f"not importable ({type(exc).__name__}: {exc})"
+
+
+def device_arch(index: int = 0) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def device_summary() -> dict:
+    """Name and arch of the current CUDA device, or of the CPU when there is none."""
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        return {"device": torch.cuda.get_device_name(index), "arch": device_arch(index), "type": "cuda"}
+    return {"device": platform.processor() or platform.machine() or "cpu", "arch": platform.machine(),
+            "type": "cpu"}
+
+
+def extension_summary() -> dict:
+    """Whether fastfuse._C is built, and the archs it was compiled for if it says."""
+    reason = backends.cuda_extension_unavailable_reason()
+    if reason is not None:
+        return {"built": False, "reason": reason}
+    from fastfuse import _C
+    summary = {"built": True, "archs": None}
+    try:  # the extension describes itself (build_info: archs, cudart, families; runtime_status)
+        build = dict(_C.build_info()) if hasattr(_C, "build_info") else {}
+        archs = build.get("cuda_archs")
+        if isinstance(archs, str):
+            archs = [a for a in archs.replace(",", ";").split(";") if a]
+        summary.update(archs=archs, cudart=build.get("cudart_version"), families=build.get("families"))
+        if hasattr(_C, "runtime_status"):
+            summary["runtime"] = dict(_C.runtime_status())
+    except Exception as exc:  # a broken self-description must not break `fastfuse info`
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+    return summary
+
+
+def op_availability(op: str, backend: str, device: str) -> Optional[str]:
+    """None if `backend` runs `op` on `device` here, else the reason."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    return backends.unavailable_reason(op, backend, torch.device(device))
+
+
+def collect() -> dict:
+    families = import_families()
+    ops = backends.registered_ops()
+    table = {op: {backend: {device: op_availability(op, backend, device) for device in ("cpu", "cuda")}
+                  for backend in backends.BACKENDS} for op in ops}
+    return {
+        "versions": {
+            "fastfuse": fastfuse.__version__,
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": _module_version("triton"),
+            "numpy": _module_version("numpy"),
+            "python": sys.version.split()[0],
+        },
+        "cuda_available": torch.cuda.is_available(),
+        "device": device_summary(),
+        "extension": extension_summary(),
+        "env": {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "FASTFUSE_BACKEND")},
+        "families": [vars(f) for f in families],
+        "ops": table,
+        "peers": {dist: (_version(dist) if importlib.util.find_spec(mod) is not None else None)
+                  for dist, mod in PEERS.items()},
+    }
+
+
+def format_report(info: dict) -> str:
+    lines = ["fastfuse " + info["versions"]["fastfuse"]]
+    v = info["versions"]
+    lines.append(f"  torch {v['torch']} (CUDA runtime {v['torch_cuda'] or 'none'}), triton {v['triton']}, "
+                 f"numpy {v['numpy']}, python {v['python']}")
+    dev = info["device"]
+    if info["cuda_available"]:
+        lines.append(f"  CUDA: available — {dev['device']} ({dev['arch']})")
+    else:
+        lines.append(f"  CUDA: not available — CPU only ({dev['device']})")
+    ext = info["extension"]
+    if ext["built"]:
+        archs = "archs " + ", ".join(ext["archs"]) if ext.get("archs") else "archs not exposed"
+        extra = f"; CUDA runtime {ext['cudart']}" if ext.get("cudart") else ""
+        extra += f"; families: {', '.join(ext['families'])}" if ext.get("families") else ""
+        lines.append(f"  fastfuse._C: built ({archs}{extra})")
+        runtime = ext.get("runtime") or {}
+        if runtime.get("error"):
+            lines.append(f"    CUDA runtime reports: {runtime['error']}")
+    else:
+        lines.append(f"  fastfuse._C: not built — {ext['reason']}")
+    for name, value in info["env"].items():
+        lines.append(f"  {name}={value if value is not None else '(unset)'}")
+    peers = ", ".join(f"{d} {v}" if v else f"{d} (absent)" for d, v in info["peers"].items())
+    lines.append(f"  benchmark peers: {peers}")
+    lines.append("")
+    lines.append("op families:")
+    for fam in info["families"]:
+        lines.append(f"  {fam['family']:<16} {fam['state']}" + (f" — {fam['detail']}" if fam["detail"] else ""))
+    lines.append("")
+    lines.append(format_op_table(info["ops"]))
+    return "\n".join(lines)
+
+
+def format_op_table(table: dict) -> str:
+    """One row per op and backend; unavailable cells point to numbered reasons below the table."""
+    if not table:
+        return "no ops registered (no op family could be imported)"
+    reasons: dict[str, int] = {}
+
+    def cell(reason: Optional[str]) -> str:
+        if reason is None:
+            return "yes"
+        number = reasons.setdefault(reason, len(reasons) + 1)
+        return f"no [{number}]"
+
+    rows = [("op", "backend", "cpu", "cuda")]
+    for op, per_backend in table.items():
+        for backend, per_device in per_backend.items():
+            rows.append((op, backend, cell(per_device["cpu"]), cell(per_device["cuda"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    if reasons:
+        out.append("")
+        out.extend(f"[{n}] {reason}" for reason, n in reasons.items())
+    return "\n".join(out)
