@@ -11,9 +11,12 @@ from fastfuse.reference import sam as reference
 OP = "sam_map"
 backends.register(OP, "torch", "fastfuse.reference.sam:sam_map")
 backends.register(OP, "triton", "fastfuse.triton.sam:sam_map_forward",
-                  "fastfuse.triton.sam:sam_map_backward")
-backends.register(OP, "cuda", "fastfuse.cuda.sam:sam_map_forward", "fastfuse.cuda.sam:sam_map_backward")
-backends.set_preference(OP, ("cuda", "triton", "torch"))
+                  "fastfuse.triton.sam:sam_map_backward", int64_indexing=True)
+backends.register(OP, "cuda", "fastfuse.cuda.sam:sam_map_forward", "fastfuse.cuda.sam:sam_map_backward",
+                  int64_indexing=True)
+# Triton first: its kernels have run whole (through the interpreter); the CUDA kernels' per-pixel
+# code is tested on the host but their launches have not yet run on a GPU.
+backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 
 @torch.library.custom_op("fastfuse::sam_map", mutates_args=())
