@@ -24,7 +24,7 @@ backends.register(SCAN, "triton", "fastfuse.triton.cross_scan:cross_scan_forward
 backends.register(MERGE, "torch", "fastfuse.reference.cross_scan:cross_merge")
 backends.register(MERGE, "triton", "fastfuse.triton.cross_scan:cross_merge_forward", int64_indexing=True)
 backends.register(CSS, "torch", "fastfuse.reference.cross_scan:cross_selective_scan")
-# The Triton forward is fused; its backward is composed from other ops (see the triton module).
+# Triton forward and backward are both fused (see fastfuse/triton/cross_scan.py).
 backends.register(CSS, "triton", "fastfuse.triton.cross_scan:cross_selective_scan_forward",
                   "fastfuse.triton.cross_scan:cross_selective_scan_backward")
 for _op in (SCAN, MERGE, CSS):

@@ -1,4 +1,5 @@
-"""Triton kernels of the cross_scan family: cross_scan, cross_merge and a fused cross_selective_scan forward.
+"""Triton kernels of the cross_scan family: cross_scan, cross_merge and a fused cross_selective_scan
+(forward and backward).
 
 Scan orders (see fastfuse/reference/cross_scan.py): k=0 row-major, k=1 column-major, k=2 / k=3 their
 reverses. All kernels take the image through its four strides, so channel-first, channel-last and
@@ -162,7 +163,14 @@ def cross_merge_forward(ys: torch.Tensor, channel_last: bool) -> torch.Tensor:
 # its pixel. Never materialised: the 4 scanned copies of x, the 4·D delta maps, the 4 per-
 # direction outputs. Not fused: the x projection (R + 2N values per pixel and direction, small
 # next to D), computed once per pixel by one matmul in pixel order, which the scan gathers from.
+#
+# The backward is fused the same way (see _css_backward_kernel): x and the output gradient are read
+# in scan order, delta is recomputed per chunk, and dx is merged over the directions by atomics.
+# Its buffers: the projections again and their per-pixel gradients, (B, 4·(R+2N), L) each, the
+# chunk-start states (B, 4, D, ceil(L/BT), N), dx (B, D, L), all fp32, and per-batch partials of
+# the parameter gradients.
 SCAN_BLOCK_ELEMENTS = 4096  # channels × states × steps per program: bounds registers per thread
+BACKWARD_BLOCK_ELEMENTS = 1024  # the backward holds many more (BD, BN, BT) tiles: see _backward_channels
 
 
 @triton.jit
@@ -182,12 +190,16 @@ def _softplus(v):
 
 
 @triton.jit
-def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out_ptr,
+def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out_ptr, states_ptr,
                         D, H, W, R, N, sx_b, sx_d, sx_h, sx_w, so_b, so_d, so_h, so_w,
-                        SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr):
+                        SOFTPLUS: tl.constexpr, WRITE_OUT: tl.constexpr, SAVE_STATES: tl.constexpr,
+                        BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr):
     # One program: batch b, channels d of one block, direction k, the whole sequence in chunks
     # of BT steps. Inside a chunk the recurrence is an associative scan over (decay, input)
     # pairs; the state is carried between chunks in registers, in fp32.
+    # SAVE_STATES: store the state at the start of every chunk into states (B, 4, D, n_chunks, N)
+    # fp32, what the fused backward restarts each chunk from (the backward runs this kernel
+    # with WRITE_OUT=False, so its state pass costs no output traffic).
     pid_bd, k = tl.program_id(0), tl.program_id(1)
     one = tl.full([], 1, tl.int64)
     blocks_d = tl.cdiv(D, BD)
@@ -209,8 +221,12 @@ def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out
     reverse, column = k >= 2, (k % 2) == 1
     last_step = tl.arange(0, BT)[None, None, :] == BT - 1
 
+    n_chunks = tl.cdiv(L, BT)
+    state_rows = states_ptr + ((b * 4 + k) * D + d.to(tl.int64))[:, None] * n_chunks * N + n[None, :]
     state = tl.zeros((BD, BN), dtype=tl.float32)
     for t0 in range(0, L, BT):
+        if SAVE_STATES:
+            tl.store(state_rows + (t0 // BT) * N, state, mask=mask_d[:, None] & mask_n[None, :])
         t = t0 + tl.arange(0, BT).to(tl.int64)
         mask_t = t < L
         s = tl.where(reverse, L - 1 - t, t)  # position along the unreversed order
@@ -240,10 +256,140 @@ def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out
         inputs = tl.where(mask_t[None, None, :], inputs, 0.0)
         decay_acc, input_acc = tl.associative_scan((decay, inputs), axis=2, combine_fn=_linear_recurrence)
         states = decay_acc * state[:, :, None] + input_acc
-        y = tl.sum(states * c_t[None, :, :], axis=1) + skip[:, None] * u
         state = tl.sum(tl.where(last_step, states, 0.0), axis=2)
-        # The four directions of a pixel come from four programs: fp32 atomics merge them.
-        tl.atomic_add(out_base + h[None, :] * so_h + w[None, :] * so_w, y, mask=mask_dt, sem="relaxed")
+        if WRITE_OUT:
+            y = tl.sum(states * c_t[None, :, :], axis=1) + skip[:, None] * u
+            # The four directions of a pixel come from four programs: fp32 atomics merge them.
+            tl.atomic_add(out_base + h[None, :] * so_h + w[None, :] * so_w, y, mask=mask_dt, sem="relaxed")
+
+
+@triton.jit
+def _css_backward_kernel(x_ptr, dy_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, states_ptr,
+                         dx_ptr, dproj_ptr, dwdt_ptr, dbias_ptr, dalog_ptr, dds_ptr,
+                         D, H, W, R, N, sx_b, sx_d, sx_h, sx_w, sg_b, sg_d, sg_h, sg_w,
+                         sdx_b, sdx_d, sdx_h, sdx_w,
+                         SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+                         BR: tl.constexpr):
+    # One program: batch b, channels d of one block, direction k; walks the chunks last to first.
+    # Per chunk it re-runs the forward from the saved chunk-start state (an associative scan, in
+    # registers) and runs the adjoint recurrence backwards (a reverse associative scan):
+    #   g_t = dy_t·C_t + a_{t+1}·g_{t+1}        (g: gradient of the state h_t, a_t = exp(δ_t A))
+    #   dB_t = Σ_d g_t δ_t u_t,  dC_t = Σ_d dy_t h_t,  du_t = δ_t Σ_n g_t B_t + D·dy_t,
+    #   dδ_t = u_t Σ_n g_t B_t + Σ_n g_t a_t h_{t-1} A,  dA = Σ_t g_t a_t h_{t-1} δ_t,
+    # with a_t h_{t-1} = h_t − δ_t B_t u_t, so the previous state needs no shifted copy.
+    # Channel reductions (dB, dC, d dt) add into the per-pixel (B, 4·(R+2N), L) buffer and du into
+    # the merged dx with fp32 atomics; sums over time (dA, dD, d bias, d dt_projs_weight) stay in
+    # registers and are stored once, per batch (summed over the batch afterwards: deterministic).
+    pid_bd, k = tl.program_id(0), tl.program_id(1)
+    one = tl.full([], 1, tl.int64)
+    blocks_d = tl.cdiv(D, BD)
+    b = (pid_bd // blocks_d).to(tl.int64)
+    L = one * H * W
+    d = (pid_bd % blocks_d) * BD + tl.arange(0, BD)
+    n = tl.arange(0, BN)
+    r = tl.arange(0, BR)
+    mask_d, mask_n = d < D, n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    kd = k * D + d
+    kd64 = kd.to(tl.int64)
+
+    a_log = tl.load(alog_ptr + kd[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A = -tl.exp(a_log)
+    a2 = A * 1.4426950408889634  # exp(δA) = exp2(δ·a2)
+    dt_bias = tl.load(bdt_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+    skip = tl.load(ds_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+
+    x_base = x_ptr + b * sx_b + d.to(tl.int64)[:, None] * sx_d
+    dy_base = dy_ptr + b * sg_b + d.to(tl.int64)[:, None] * sg_d
+    dx_base = dx_ptr + b * sdx_b + d.to(tl.int64)[:, None] * sdx_d
+    rows = (b * 4 + k) * (R + 2 * N) * L  # this (batch, direction)'s (R + 2N, L) rows
+    proj, dproj = proj_ptr + rows, dproj_ptr + rows
+    n_chunks = tl.cdiv(L, BT)
+    state_rows = states_ptr + ((b * 4 + k) * D + d.to(tl.int64))[:, None] * n_chunks * N + n[None, :]
+    reverse, column = k >= 2, (k % 2) == 1
+    step = tl.arange(0, BT)
+    first_step = step[None, None, :] == 0
+    last_step = step[None, None, :] == BT - 1
+    next_step = tl.broadcast_to(tl.minimum(step + 1, BT - 1)[None, None, :], (BD, BN, BT))
+
+    carry = tl.zeros((BD, BN), dtype=tl.float32)  # a_t·g_t at the first step of the chunk after
+    d_a = tl.zeros((BD, BN), dtype=tl.float32)
+    d_bias = tl.zeros((BD,), dtype=tl.float32)
+    d_skip = tl.zeros((BD,), dtype=tl.float32)
+    d_wdt = tl.zeros((BD, BR), dtype=tl.float32)
+    for i in range(0, n_chunks):
+        chunk = n_chunks - 1 - i
+        t = chunk * BT + step.to(tl.int64)
+        mask_t = t < L
+        s = tl.where(reverse, L - 1 - t, t)  # position along the unreversed order
+        h = tl.where(column, s % H, s // W)
+        w = tl.where(column, s // H, s % W)
+        pixel = h * W + w
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+
+        u = tl.load(x_base + h[None, :] * sx_h + w[None, :] * sx_w, mask=mask_dt, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + h[None, :] * sg_h + w[None, :] * sg_w, mask=mask_dt, other=0.0).to(tl.float32)
+        b_t = tl.load(proj + (R + n)[:, None] * L + pixel[None, :], mask=mask_nt, other=0.0)
+        c_t = tl.load(proj + (R + N + n)[:, None] * L + pixel[None, :], mask=mask_nt, other=0.0)
+        pre = tl.zeros((BD, BT), dtype=tl.float32) + dt_bias[:, None]
+        for j in range(R):
+            w_j = tl.load(wdt_ptr + kd * R + j, mask=mask_d, other=0.0).to(tl.float32)
+            dt_j = tl.load(proj + j * L + pixel, mask=mask_t, other=0.0)
+            pre += w_j[:, None] * dt_j[None, :]
+        if SOFTPLUS:
+            delta = _softplus(pre)
+        else:
+            delta = pre
+
+        # Forward inside the chunk, from its saved start state.
+        decay = tl.exp2(delta[:, None, :] * a2[:, :, None])
+        decay = tl.where(mask_t[None, None, :], decay, 1.0)
+        du_in = delta * u
+        inputs = tl.where(mask_t[None, None, :], du_in[:, None, :] * b_t[None, :, :], 0.0)
+        decay_acc, input_acc = tl.associative_scan((decay, inputs), axis=2, combine_fn=_linear_recurrence)
+        start = tl.load(state_rows + chunk * N, mask=mask_dn, other=0.0)
+        states = decay_acc * start[:, :, None] + input_acc
+
+        # Adjoint, last step first: g_t = e_t + a_{t+1} g_{t+1}; the chunk's last step takes the
+        # carry from the chunk after (its a·g at the first step) with factor 1.
+        emitted = dy[:, None, :] * c_t[None, :, :]
+        decay_next = tl.where(last_step, 1.0, tl.gather(decay, next_step, axis=2))
+        carry_acc, grad_acc = tl.associative_scan((decay_next, emitted), axis=2, combine_fn=_linear_recurrence,
+                                                  reverse=True)
+        g = grad_acc + carry_acc * carry[:, :, None]
+        carry = tl.sum(tl.where(first_step, decay * g, 0.0), axis=2)
+
+        g_b = tl.sum(g * b_t[None, :, :], axis=1)  # (BD, BT)
+        decayed_prev = g * (states - inputs)  # g_t · a_t h_{t-1}
+        d_delta = u * g_b + tl.sum(decayed_prev * A[:, :, None], axis=1)
+        d_a += tl.sum(decayed_prev * delta[:, None, :], axis=2)
+        if SOFTPLUS:
+            # softplus' = sigmoid, and 1 above the pass-through threshold.
+            d_pre = tl.where(pre <= 20.0, d_delta / (1.0 + tl.exp(-pre)), d_delta)
+        else:
+            d_pre = d_delta
+        d_pre = tl.where(mask_dt, d_pre, 0.0)
+        d_bias += tl.sum(d_pre, axis=1)
+        d_skip += tl.sum(dy * u, axis=1)
+
+        du = delta * g_b + skip[:, None] * dy
+        tl.atomic_add(dx_base + h[None, :] * sdx_h + w[None, :] * sdx_w, du, mask=mask_dt, sem="relaxed")
+        d_b = tl.sum(g * du_in[:, None, :], axis=0)  # (BN, BT)
+        d_c = tl.sum(states * dy[:, None, :], axis=0)
+        tl.atomic_add(dproj + (R + n)[:, None] * L + pixel[None, :], d_b, mask=mask_nt, sem="relaxed")
+        tl.atomic_add(dproj + (R + N + n)[:, None] * L + pixel[None, :], d_c, mask=mask_nt, sem="relaxed")
+        for j in range(R):
+            w_j = tl.load(wdt_ptr + kd * R + j, mask=mask_d, other=0.0).to(tl.float32)
+            dt_j = tl.load(proj + j * L + pixel, mask=mask_t, other=0.0)
+            tl.atomic_add(dproj + j * L + pixel, tl.sum(w_j[:, None] * d_pre, axis=0), mask=mask_t, sem="relaxed")
+            d_wdt += tl.where(r[None, :] == j, tl.sum(d_pre * dt_j[None, :], axis=1)[:, None], 0.0)
+
+    per_batch = b * 4 * D + kd64  # row of (B, 4·D) partials
+    tl.store(dalog_ptr + per_batch[:, None] * N + n[None, :], d_a * A, mask=mask_dn)  # dA_log = dA·A
+    tl.store(dbias_ptr + per_batch, d_bias, mask=mask_d)
+    tl.store(dds_ptr + per_batch, d_skip, mask=mask_d)
+    tl.store(dwdt_ptr + per_batch[:, None] * R + r[None, :], d_wdt, mask=mask_d[:, None] & (r[None, :] < R))
 
 
 def _scan_blocks(D: int, N: int, L: int) -> tuple[int, int, int]:
@@ -257,6 +403,17 @@ def _scan_blocks(D: int, N: int, L: int) -> tuple[int, int, int]:
     bt = min(_pow2(L), 32, max(SCAN_BLOCK_ELEMENTS // bn, 16))
     bd = min(_pow2(D), 16, max(SCAN_BLOCK_ELEMENTS // (bn * bt), 1))
     return bd, bn, bt
+
+
+def _pixel_projections(image: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor]):
+    """(pixels (B, D, L), proj (B, 4·(R+2N), L)), both fp32: the x projection of every pixel for all
+    four directions at once, in pixel order (one GEMM), which the scans gather from."""
+    B, D, H, W = image.shape
+    pixels = image.reshape(B, D, H * W).to(torch.float32)
+    proj = torch.matmul(x_proj_weight.reshape(-1, D).to(torch.float32), pixels)
+    if x_proj_bias is not None:
+        proj = proj + x_proj_bias.reshape(-1, 1).to(torch.float32)
+    return pixels, proj.contiguous()
 
 
 def cross_selective_scan_forward(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
@@ -281,12 +438,7 @@ def cross_selective_scan_forward(x, x_proj_weight, x_proj_bias, dt_projs_weight,
         return cross_selective_scan(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                     delta_softplus, out_dtype, channel_last)
 
-    # Projections in pixel order, fp32: (B, 4·(R+2N), L), one matmul over all four directions.
-    pixels = image.reshape(B, D, L).to(acc)
-    proj = torch.matmul(x_proj_weight.reshape(K * (R + 2 * N), D).to(acc), pixels)
-    if x_proj_bias is not None:
-        proj = proj + x_proj_bias.reshape(-1, 1).to(acc)
-    proj = proj.contiguous()
+    _, proj = _pixel_projections(image, x_proj_weight, x_proj_bias)
 
     out = torch.zeros(x.shape, dtype=acc, device=x.device)  # x's layout; the four directions add into it
     out_image = out.permute(0, 3, 1, 2) if channel_last else out
@@ -294,73 +446,85 @@ def cross_selective_scan_forward(x, x_proj_weight, x_proj_bias, dt_projs_weight,
     grid = (B * triton.cdiv(D, bd), K)
     _css_forward_kernel[grid](
         image, proj, dt_projs_weight.contiguous(), dt_projs_bias.contiguous(), A_logs.contiguous(), Ds.contiguous(),
-        out_image, D, H, W, R, N, *image.stride(), *out_image.stride(),
-        SOFTPLUS=bool(delta_softplus), BD=bd, BN=bn, BT=bt,
+        out_image, out_image, D, H, W, R, N, *image.stride(), *out_image.stride(),
+        SOFTPLUS=bool(delta_softplus), WRITE_OUT=True, SAVE_STATES=False, BD=bd, BN=bn, BT=bt,
         num_warps=1 if triton_interpret() else (8 if bd * bn * bt >= SCAN_BLOCK_ELEMENTS else 4))
     return out if out_dtype == acc else out.to(out_dtype)
 
 
 def cross_selective_scan_backward(grad, x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                   delta_softplus: bool, out_dtype: Optional[torch.dtype], channel_last: bool):
-    """Gradients of all seven tensor inputs (None for an absent x_proj_bias). NOT fused.
+    """Gradients of all seven tensor inputs (None for an absent x_proj_bias); fused like the forward.
 
-    The chain rule written out over the unfused composition: the scanned copies of x, the
-    projections and delta maps (B, 4, ·, L) are recomputed in fp32, the selective scan's
-    backward is that family's fastest backend (its Triton kernels on GPU), and gradients flow
-    back through the cross_scan / cross_merge kernels above and three einsums. Memory is that
-    of the unfused VMamba pipeline; only the forward avoids it.
+    Three launches and three GEMMs: the pixel projections again (one GEMM), a state pass (the
+    forward kernel storing each chunk's start state, no output), the fused backward kernel, then
+    GEMMs turn the per-pixel projection gradients into dx's projection part and d x_proj_weight.
+    Never materialised: the 4 scanned copies of x or of the output gradient, the 4·D delta maps,
+    any (B, 4, D, L) gradient. fp32 atomics sum dx over directions and the per-pixel gradients
+    over channel blocks, so the last bits may differ from run to run.
     """
-    from fastfuse import backends
-    from fastfuse.ops._autograd import reference_vjp
-    from fastfuse.ops.selective_scan import CHUNK
-    from fastfuse.reference import cross_scan as reference
-    from fastfuse.reference import selective_scan as scan_reference
-
     inputs = (x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds)
     if x.dtype == torch.float64 or x.numel() == 0:
+        # The kernels' arithmetic is fp32: fp64 (gradcheck) goes to the reference, as in the forward.
+        from fastfuse.ops._autograd import reference_vjp
+        from fastfuse.reference import cross_scan as reference
         return reference_vjp(reference.cross_selective_scan, inputs, (grad,), delta_softplus=delta_softplus,
                              out_dtype=out_dtype, channel_last=channel_last)
     acc = torch.float32
-    image_shape = x.permute(0, 3, 1, 2).shape if channel_last else x.shape
-    B, D, H, W = image_shape
+    image = x.permute(0, 3, 1, 2) if channel_last else x  # (B, D, H, W) views
+    grad_image = grad.permute(0, 3, 1, 2) if channel_last else grad
+    B, D, H, W = image.shape
     K, _, R = dt_projs_weight.shape
     N = A_logs.shape[1]
     L = H * W
-    w_x, w_dt = x_proj_weight.to(acc), dt_projs_weight.to(acc)
+    pixels, proj = _pixel_projections(image, x_proj_weight, x_proj_bias)
+    w_dt, b_dt, a_logs, skip = (t.contiguous() for t in (dt_projs_weight, dt_projs_bias, A_logs, Ds))
+    softplus = bool(delta_softplus)
 
-    xs = cross_scan_forward(x.to(acc), channel_last)  # (B, K, D, L)
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, w_x)
-    if x_proj_bias is not None:
-        x_dbl = x_dbl + x_proj_bias.to(acc).view(1, K, -1, 1)
-    dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-    deltas = torch.einsum("bkrl,kdr->bkdl", dts, w_dt)
-    u, delta = xs.reshape(B, K * D, L), deltas.reshape(B, K * D, L)
-    A = -torch.exp(A_logs.to(acc))
-    Bs, Cs, skip, delta_bias = Bs.contiguous(), Cs.contiguous(), Ds.to(acc), dt_projs_bias.to(acc).reshape(K * D)
-    scan_inputs = (u, delta, A, Bs, Cs, skip, None, delta_bias)
+    # State pass: the state at the start of every BT-step chunk, (B, 4, D, n_chunks, N) fp32.
+    bd_fwd, bn, bt = _scan_blocks(D, N, L)
+    states = torch.empty((B, K, D, triton.cdiv(L, bt), N), dtype=acc, device=x.device)
+    _css_forward_kernel[(B * triton.cdiv(D, bd_fwd), K)](
+        image, proj, w_dt, b_dt, a_logs, skip, states, states, D, H, W, R, N, *image.stride(), 0, 0, 0, 0,
+        SOFTPLUS=softplus, WRITE_OUT=False, SAVE_STATES=True, BD=bd_fwd, BN=bn, BT=bt,
+        num_warps=_scan_warps(bd_fwd * bn * bt, SCAN_BLOCK_ELEMENTS))
 
-    # The output gradient in each direction's scan order: cross_scan is cross_merge's adjoint.
-    dys = cross_scan_forward(grad.to(acc), channel_last).reshape(B, K * D, L)
-    scan_backend = backends.resolve("selective_scan", "auto", u.device, u.numel())
-    scan_backward = backends.kernel("selective_scan", scan_backend, "backward")
-    if scan_backward is None:
-        du, ddelta, dA, dB, dC, dskip, _, ddelta_bias = reference_vjp(
-            scan_reference.selective_scan, scan_inputs, (dys,), delta_softplus=delta_softplus)
-    else:
-        _, _, chunk_states = backends.kernel("selective_scan", scan_backend, "forward")(
-            *scan_inputs, delta_softplus, CHUNK)
-        no_state_grad = torch.zeros((B, K * D, N), dtype=acc, device=x.device)
-        du, ddelta, dA, dB, dC, dskip, _, ddelta_bias = scan_backward(
-            dys, no_state_grad, *scan_inputs, chunk_states, delta_softplus, CHUNK)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)  # x's layout; the four directions add into it
+    dx_image = dx.permute(0, 3, 1, 2) if channel_last else dx
+    d_proj = torch.zeros_like(proj)  # per pixel: d dt (R), dB (N), dC (N) of each direction
+    d_w_dt = torch.empty((B, K * D, R), dtype=acc, device=x.device)  # per-batch partials
+    d_b_dt = torch.empty((B, K * D), dtype=acc, device=x.device)
+    d_a_logs = torch.empty((B, K * D, N), dtype=acc, device=x.device)
+    d_skip = torch.empty((B, K * D), dtype=acc, device=x.device)
+    bd = _backward_channels(D, bn, bt)
+    _css_backward_kernel[(B * triton.cdiv(D, bd), K)](
+        image, grad_image, proj, w_dt, b_dt, a_logs, skip, states,
+        dx_image, d_proj, d_w_dt, d_b_dt, d_a_logs, d_skip,
+        D, H, W, R, N, *image.stride(), *grad_image.stride(), *dx_image.stride(),
+        SOFTPLUS=softplus, BD=bd, BN=bn, BT=bt, BR=_pow2(R),
+        num_warps=_scan_warps(bd * bn * bt, BACKWARD_BLOCK_ELEMENTS))
+    del states
 
-    ddeltas = ddelta.to(acc).reshape(B, K, D, L)
-    d_dts = torch.einsum("bkdl,kdr->bkrl", ddeltas, w_dt)
-    d_w_dt = torch.einsum("bkdl,bkrl->kdr", ddeltas, dts)
-    d_x_dbl = torch.cat([d_dts, dB.to(acc).reshape(B, K, N, L), dC.to(acc).reshape(B, K, N, L)], dim=2)
-    d_w_x = torch.einsum("bkcl,bkdl->kcd", d_x_dbl, xs)
-    d_xs = du.to(acc).reshape(B, K, D, L) + torch.einsum("bkcl,kcd->bkdl", d_x_dbl, w_x)
-    dx = cross_merge_forward(d_xs.reshape(B, K, D, H, W), channel_last).reshape(x.shape)
-    d_bias = None if x_proj_bias is None else d_x_dbl.sum(dim=(0, 3)).to(x_proj_bias.dtype)
-    return [dx.to(x.dtype), d_w_x.to(x_proj_weight.dtype), d_bias, d_w_dt.to(dt_projs_weight.dtype),
-            ddelta_bias.to(acc).reshape(K, D).to(dt_projs_bias.dtype), (dA.to(acc) * A).to(A_logs.dtype),
-            dskip.to(Ds.dtype)]
+    # The projection is a GEMM per pixel, so are its gradients.
+    w_x = x_proj_weight.reshape(K * (R + 2 * N), D).to(acc)
+    dx_image.reshape(B, D, L).baddbmm_(w_x.t().expand(B, -1, -1), d_proj)  # a view of dx in either layout
+    d_w_x = torch.bmm(d_proj, pixels.transpose(1, 2)).sum(dim=0).reshape(x_proj_weight.shape)
+    d_x_bias = None if x_proj_bias is None else d_proj.sum(dim=(0, 2)).reshape(x_proj_bias.shape)
+    return [dx.to(x.dtype), d_w_x.to(x_proj_weight.dtype),
+            None if d_x_bias is None else d_x_bias.to(x_proj_bias.dtype),
+            d_w_dt.sum(dim=0).reshape(dt_projs_weight.shape).to(dt_projs_weight.dtype),
+            d_b_dt.sum(dim=0).reshape(dt_projs_bias.shape).to(dt_projs_bias.dtype),
+            d_a_logs.sum(dim=0).to(A_logs.dtype), d_skip.sum(dim=0).to(Ds.dtype)]
+
+
+def _backward_channels(D: int, bn: int, bt: int) -> int:
+    """Channels per backward program. Its registers grow by ~30 per tile element a thread holds
+    (compiled for sm_80, 8 warps at N=16: 255 registers at 8 elements, 176 at 4), so the tile
+    is capped at BACKWARD_BLOCK_ELEMENTS: 4 elements per thread, no spills (N=1: 168 registers
+    at 16×1×32 with 4 warps). More channels per program would mean fewer dB/dC/d dt atomics,
+    at the price of spills or occupancy; unmeasured on a GPU so far."""
+    return min(_pow2(D), 16, max(BACKWARD_BLOCK_ELEMENTS // (bn * bt), 1))
+
+
+def _scan_warps(elements: int, budget: int) -> int:
+    return 1 if triton_interpret() else (8 if elements >= budget else 4)
