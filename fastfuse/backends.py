@@ -135,6 +135,11 @@ def resolve(op: str, backend: str, device: torch.device, numel: int = 0) -> str:
         backend = "auto"
     if backend == "auto":
         backend = os.environ.get("FASTFUSE_BACKEND", "auto") or "auto"
+        # The environment sets a default for every op; an op that has no implementation in that
+        # backend at all uses its automatic choice instead of failing. Given as an argument, a
+        # backend is a demand and is never replaced.
+        if backend != "auto" and backend not in _REGISTRY.get(op, {}):
+            backend = "auto"
     if backend == "auto":
         if numel == 0:
             return "torch"  # empty inputs: nothing to launch, the reference returns the empty result
