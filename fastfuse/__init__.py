@@ -5,8 +5,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public name -> module that defines it. Families load on first use so that one family's import
-# cost (or a broken optional dependency) is never paid by users of another.
+# Public name -> module that defines it. Every family is imported below, so that all
+# torch.ops.fastfuse.* custom ops and their FLOP formulas exist as soon as fastfuse is imported
+# (FlopCounterMode and torch.compile see them); kernels themselves load on first use.
 _PUBLIC = {
     "selective_scan": "fastfuse.ops.selective_scan",
     "cross_scan": "fastfuse.ops.cross_scan",
@@ -30,9 +31,7 @@ FAMILIES = ("selective_scan", "cross_scan", "ssim", "sam", "select", "degrade")
 __all__ = sorted(_PUBLIC) + ["load_all", "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+def __getattr__(name: str):  # submodules on first use
     if name in ("metrics", "flops", "nn", "backends", "reference", "ops", "data"):
         return importlib.import_module(f"fastfuse.{name}")
     raise AttributeError(f"module 'fastfuse' has no attribute {name!r}")
@@ -42,3 +41,10 @@ def load_all() -> None:
     """Import every op family, registering all torch.ops.fastfuse.* custom ops."""
     for family in FAMILIES:
         importlib.import_module(f"fastfuse.ops.{family}")
+
+
+load_all()
+globals().update({name: getattr(importlib.import_module(module), name) for name, module in _PUBLIC.items()})
+from fastfuse import flops as _flops  # noqa: E402  (registers the FLOP formulas of the ops above)
+
+_flops.register_flop_formulas()

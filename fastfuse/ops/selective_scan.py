@@ -25,7 +25,12 @@ CHUNK = 64
 backends.register(OP, "torch", "fastfuse.reference.selective_scan:selective_scan_forward")
 backends.register(OP, "triton", "fastfuse.triton.selective_scan:selective_scan_forward",
                   "fastfuse.triton.selective_scan:selective_scan_backward")
-backends.set_preference(OP, ("triton", "torch"))
+# 64-bit offsets throughout (kernels/selective_scan.cuh).
+backends.register(OP, "cuda", "fastfuse.cuda.selective_scan:selective_scan_forward",
+                  "fastfuse.cuda.selective_scan:selective_scan_backward", int64_indexing=True)
+# "auto" keeps Triton ahead of the CUDA kernels until a GPU run has validated the CUDA path (so
+# far it is tested only through the host-compiled block bodies); backend="cuda" selects it.
+backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 
 def _backend_for(u: torch.Tensor, backend: str) -> str:

@@ -1,0 +1,134 @@
+"""Public `ssim_map` and `ssim`: checks, backend dispatch and the torch.library registration."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from fastfuse import backends
+from fastfuse._checks import check_choice
+from fastfuse.ops._autograd import reference_vjp
+from fastfuse.reference import ssim as reference
+
+OP = "ssim_map"
+backends.register(OP, "torch", "fastfuse.reference.ssim:ssim_map")
+# Triton offsets are int32 inside one plane (checked per call) and int64 across planes.
+backends.register(OP, "triton", "fastfuse.triton.ssim:ssim_map_forward",
+                  "fastfuse.triton.ssim:ssim_map_backward", int64_indexing=True)
+backends.register(OP, "cuda", "fastfuse.cuda.ssim:ssim_map_forward", "fastfuse.cuda.ssim:ssim_map_backward")
+# Triton first: its kernels have run whole (through the interpreter); the CUDA kernels' per-thread
+# code is tested on the host but their launches have not yet run on a GPU.
+backends.set_preference(OP, ("triton", "cuda", "torch"))
+
+
+def _unsupported(name: str, like: torch.Tensor, window_size: int, padding: str, data_range: float, k1: float,
+                 k2: float):
+    """A kernel module may define `supports(window_size, padding, data_range, k1, k2, dtype)`, which
+    returns None or the reason it cannot serve the call; the reference serves every call."""
+    if name == "torch":
+        return None
+    module = sys.modules[backends.kernel(OP, name).__module__]
+    check = getattr(module, "supports", None)
+    return None if check is None else check(window_size, padding, data_range, k1, k2, like.dtype)
+
+
+def _resolve(backend: str, like: torch.Tensor, window_size: int, padding: str, data_range: float,
+             k1: float, k2: float) -> str:
+    """The registry's choice, unless that kernel cannot take these arguments (a window above its
+    limit, float64 inputs): then "auto" moves on to the next backend that can (the reference
+    always can) and an explicit request is refused with the reason."""
+    name = backends.resolve(OP, backend, like.device, like.numel())
+    reason = _unsupported(name, like, window_size, padding, data_range, k1, k2)
+    if reason is None:
+        return name
+    requested = backend if backend not in (None, "auto") else (os.environ.get("FASTFUSE_BACKEND") or "auto")
+    if requested != "auto":
+        raise backends.BackendUnavailableError(f"fastfuse.{OP}: backend {name!r} cannot serve this call: {reason}")
+    for other in ("triton", "torch"):
+        if other != name and backends.unavailable_reason(OP, other, like.device) is None \
+                and _unsupported(other, like, window_size, padding, data_range, k1, k2) is None:
+            return other
+    return "torch"
+
+
+@torch.library.custom_op("fastfuse::ssim_map", mutates_args=())
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float, k1: float,
+              k2: float, padding: str, backend: str) -> torch.Tensor:
+    name = _resolve(backend, x, window_size, padding, data_range, k1, k2)
+    return backends.kernel(OP, name, "forward")(x, y, window_size, sigma, data_range, k1, k2, padding)
+
+
+@_ssim_map.register_fake
+def _(x, y, window_size, sigma, data_range, k1, k2, padding, backend):
+    height, width = x.shape[-2:]
+    return x.new_empty((x.shape[0], x.shape[1], reference.output_size(height, window_size, padding),
+                        reference.output_size(width, window_size, padding)))
+
+
+@torch.library.custom_op("fastfuse::ssim_map_backward", mutates_args=())
+def _ssim_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float,
+                       data_range: float, k1: float, k2: float, padding: str, need_x: bool, need_y: bool,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    name = _resolve(backend, x, window_size, padding, data_range, k1, k2)
+    kernel = backends.kernel(OP, name, "backward")
+    if kernel is None:
+        gx, gy = reference_vjp(reference.ssim_map, (x, y), (grad,), window_size=window_size, sigma=sigma,
+                               data_range=data_range, k1=k1, k2=k2, padding=padding)
+        return (gx if need_x else x.new_empty(0)), (gy if need_y else y.new_empty(0))
+    return kernel(grad, x, y, window_size, sigma, data_range, k1, k2, padding, need_x, need_y)
+
+
+@_ssim_map_backward.register_fake
+def _(grad, x, y, window_size, sigma, data_range, k1, k2, padding, need_x, need_y, backend):
+    return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(y) if need_y else y.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, *args = inputs
+    ctx.save_for_backward(x, y)
+    ctx.args = tuple(args)
+
+
+def _backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    *params, backend = ctx.args
+    gx, gy = torch.ops.fastfuse.ssim_map_backward(grad, x, y, *params, need_x, need_y, backend)
+    return (gx if need_x else None), (gy if need_y else None), None, None, None, None, None, None, None
+
+
+_ssim_map.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
+             data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03, padding: str = "valid",
+             backend: str = "auto") -> torch.Tensor:
+    """Per-pixel SSIM of x and y, (B, C, H, W) × 2 → (B, C, H', W') in x's dtype.
+
+    Gaussian window of `window_size` taps (odd) and standard deviation `sigma`, population
+    statistics, one map per channel; C1 = (k1·data_range)², C2 = (k2·data_range)².
+    padding: "valid" (H' = H − window_size + 1, pytorch-msssim / scikit-image), "zero" (same size,
+    zeros outside, fused-ssim) or "reflect" (same size, mirrored without repeating the edge,
+    kornia / torchmetrics; repeated mirroring when the image is smaller than the window's radius).
+    Differentiable in x and y. Full conventions: fastfuse.reference.ssim.
+    """
+    reference.check_ssim_args(OP, x, y, window_size, sigma, data_range, k1, k2, padding)
+    return torch.ops.fastfuse.ssim_map(x, y, int(window_size), float(sigma), float(data_range), float(k1),
+                                       float(k2), padding, backend)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
+         data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03, padding: str = "valid",
+         reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """Mean SSIM: reduction "mean" → a scalar over everything, "batch" → (B,) one value per image
+    (mean over channels and pixels), "none" → (B, C) one value per image and channel.
+
+    With an empty batch or channel dimension "batch"/"none" return empty tensors and "mean" is NaN
+    (the mean of nothing). Arguments as in `ssim_map`.
+    """
+    reference.check_ssim_args("ssim", x, y, window_size, sigma, data_range, k1, k2, padding)
+    check_choice("ssim", "reduction", reduction, reference.REDUCTIONS)
+    smap = torch.ops.fastfuse.ssim_map(x, y, int(window_size), float(sigma), float(data_range), float(k1),
+                                       float(k2), padding, backend)
+    return reference.reduce_map(smap, reduction, "ssim")
