@@ -1,30 +1,7 @@
 """Benchmarks of the selective_scan family (selective_scan) against the torch reference and peers.
 
-Run with pytest-benchmark (`pytest bench/bench_selective_scan.py`, options such as --benchmark-json
-apply), or as a script that calls `fastfuse bench` and writes bench/results/
-(`python bench/bench_selective_scan.py [--quick] [--dtype fp32,bf16] [--mode fwd|fwdbwd|both]`).
-Shapes, providers and timing live in fastfuse.benchmark; see bench/README.md.
+Run with pytest or as a script: see bench/_family.py.
 """
-import sys
-from pathlib import Path
+from _family import family_benchmark
 
-import pytest
-
-try:
-    import fastfuse  # noqa: F401
-except ImportError:  # a checkout that is not installed: the package is in the parent folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fastfuse.benchmark.pytest_support import bench_params, run_bench
-
-OPS = ["selective_scan"]
-
-
-@pytest.mark.parametrize("job", bench_params(OPS))
-def test_selective_scan(benchmark, job):
-    run_bench(benchmark, job)
-
-
-if __name__ == "__main__":
-    from fastfuse.cli import main
-    sys.exit(main(["bench", *OPS, *sys.argv[1:]]))
+test_selective_scan = family_benchmark("selective_scan", ["selective_scan"], __name__)

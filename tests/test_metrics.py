@@ -1,5 +1,5 @@
 """fastfuse.metrics against independent implementations (torchmetrics, NumPy loops, skimage)."""
-import importlib.util
+import functools
 import math
 
 import numpy as np
@@ -7,32 +7,12 @@ import pytest
 import torch
 
 from fastfuse import metrics
-from testing_utils import non_contiguous
+from testing_utils import non_contiguous, numpy_mean_spectral_angle, random_pair
 
-HAS_SSIM_OP = importlib.util.find_spec("fastfuse.ops.ssim") is not None
-needs_ssim_op = pytest.mark.skipif(not HAS_SSIM_OP, reason="fastfuse.ops.ssim (ssim_map) is not in this checkout yet")
-
-
-def pair(shape=(2, 5, 14, 13), noise=0.05, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    target = torch.rand(shape, generator=g, dtype=torch.float64) * 0.8 + 0.1
-    pred = (target + noise * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    return pred.to(dtype), target.to(dtype)
+pair = functools.partial(random_pair, shape=(2, 5, 14, 13), noise=0.05, clamp_min=0.0)
 
 
 # --------------------------------------------------------------------------- independent oracles
-
-def numpy_sam(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per image: mean arccos angle (degrees) over pixels where both spectra are non-zero."""
-    out = []
-    for p, t in zip(pred, target):
-        p2, t2 = p.reshape(p.shape[0], -1), t.reshape(t.shape[0], -1)
-        npn, ntn = np.linalg.norm(p2, axis=0), np.linalg.norm(t2, axis=0)
-        keep = (npn > 0) & (ntn > 0)
-        cos = (p2[:, keep] * t2[:, keep]).sum(0) / (npn[keep] * ntn[keep])
-        out.append(np.degrees(np.arccos(np.clip(cos, -1, 1))).mean() if keep.any() else np.nan)
-    return np.array(out)
-
 
 def numpy_uiqi(pred: np.ndarray, target: np.ndarray, block: int) -> np.ndarray:
     """Wang–Bovik Q with a plain loop over every valid window, img_qi.m's conventions for 0/0."""
@@ -141,7 +121,8 @@ def test_sam_matches_numpy_and_excludes_zero_pixels(shape):
         target[0, :, 1, 1] = 0
         pred[0, :, 1, 1] = 0     # both zero
     got = metrics.sam(pred, target, backend="torch")
-    np.testing.assert_allclose(got.numpy(), numpy_sam(pred.numpy(), target.numpy()), rtol=1e-7, atol=1e-6)
+    expected = numpy_mean_spectral_angle(pred.numpy(), target.numpy(), degrees=True, empty_value=np.nan)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-7, atol=1e-6)
     # The pixels that are excluded do not move the mean, whatever is in them.
     if shape[2] * shape[3] > 1:
         other = pred.clone()
@@ -205,7 +186,6 @@ def test_uiqi_float32_constant_windows_are_exact():
 
 # --------------------------------------------------------------------------- SSIM vs skimage
 
-@needs_ssim_op
 @pytest.mark.parametrize("shape", [(1, 3, 16, 18), (2, 2, 11, 11)])
 def test_ssim_matches_skimage(shape):
     from skimage.metrics import structural_similarity
@@ -217,7 +197,6 @@ def test_ssim_matches_skimage(shape):
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-7, atol=1e-8)
 
 
-@needs_ssim_op
 def test_ssim_identical_is_one_and_paddings_differ():
     pred, target = pair(shape=(1, 2, 16, 16))
     torch.testing.assert_close(metrics.ssim(target, target, backend="torch"), torch.ones(1, dtype=torch.float64))
@@ -289,7 +268,6 @@ def test_bad_input_errors_name_the_argument(call, error, match):
 
 # --------------------------------------------------------------------------- evaluate, real data
 
-@needs_ssim_op
 def test_evaluate_returns_every_metric_per_image():
     pred, target = pair(shape=(2, 4, 16, 16))
     out = metrics.evaluate(pred, target, 4, backend="torch")
@@ -314,8 +292,7 @@ def test_cave_scene_against_noisy_copy(shared_data):
         assert torch.isfinite(value).all() and value.item() > 0
     q = metrics.uiqi(pred, target).item()
     assert 0.0 < q < 1.0
-    if HAS_SSIM_OP:
-        assert 0.0 < metrics.ssim(pred, target, backend="torch").item() < 1.0
+    assert 0.0 < metrics.ssim(pred, target, backend="torch").item() < 1.0
 
 
 @pytest.mark.gpu

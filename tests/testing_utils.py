@@ -1,10 +1,11 @@
-"""Helpers shared by the test files (tolerances, backends to test, devices)."""
+"""Helpers shared by the test files (tolerances, backends to test, devices, random data, oracles)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,31 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert not out.is_contiguous() or t.shape[-1] == 1 or t.shape[-2] == 1
     return out
+
+
+def random_pair(shape, noise: float, seed: int = 0, dtype: torch.dtype = torch.float64,
+                clamp_min: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded (pred, target) pair: target uniform in [0.1, 0.9], pred = target + noise·N(0, 1)
+    clamped to [clamp_min, 1]; drawn in float64, then cast to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(shape, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    pred = (target + noise * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(clamp_min, 1)
+    return pred.to(dtype), target.to(dtype)
+
+
+def numpy_mean_spectral_angle(pred: np.ndarray, target: np.ndarray, *, degrees: bool,
+                              empty_value: float) -> np.ndarray:
+    """Per image: mean arccos angle (degrees or radians) over pixels where both spectra are
+    non-zero; `empty_value` for an image with no such pixel."""
+    out = []
+    for p, t in zip(pred, target):
+        p2, t2 = p.reshape(p.shape[0], -1), t.reshape(t.shape[0], -1)
+        npn, ntn = np.linalg.norm(p2, axis=0), np.linalg.norm(t2, axis=0)
+        keep = (npn > 0) & (ntn > 0)
+        cos = (p2[:, keep] * t2[:, keep]).sum(0) / (npn[keep] * ntn[keep])
+        angle = np.arccos(np.clip(cos, -1, 1))
+        out.append((np.degrees(angle) if degrees else angle).mean() if keep.any() else empty_value)
+    return np.array(out)
 
 
 def shared_data_dir() -> Optional[Path]:
