@@ -76,6 +76,9 @@ REFERENCE_CONFIGS = [
     (2, 8, 33, 5, 2, False, True, False, True),
     (1, 8, 70, 2, 4, True, True, True, True),
     (3, 6, 130, 1, 3, True, True, True, True),
+    # Long sequences of the grid: many chunks of the closed form chained together.
+    (1, 4, 2049, 4, 2, True, True, True, True),
+    (1, 2, 4100, 2, None, True, False, True, True),
 ]
 
 
@@ -328,6 +331,15 @@ def test_kernel_lengths_and_dtypes(length, dtype, device, backend):
     batch, groups = (2, 2) if length < 100 else (1, None)
     case = make_case(batch, 4, length, 4, groups, seed=length)
     check_against_reference(case, dtype, device, backend, seed=length)
+
+
+@pytest.mark.parametrize("length", [2049, 4100])
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan"))
+def test_kernel_long_sequences(length, device, backend):
+    # mamba-ssm's long lengths: 33 and 65 saved chunk states, one program so the interpreter's
+    # cost stays at one pass over the steps; fp32 only (dtype handling is covered above).
+    case = make_case(1, 2, length, 4, None, seed=length)
+    check_against_reference(case, torch.float32, device, backend, seed=length)
 
 
 KERNEL_OPTION_CONFIGS = [
