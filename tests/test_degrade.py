@@ -452,3 +452,73 @@ def test_gpu_real_shapes(dtype):
     R = torch.rand(3, 31, generator=g).cuda() / 31
     assert_close(fastfuse.spectral_response(z, R, backend="triton"),
                  fastfuse.spectral_response(z64, R.double().cpu(), backend="torch"), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# spectral_response_ssim kernels: Y' and the SSIM map from one pass over z (Triton: the ssim
+# forward kernel with its MIX prologue), against the float64 reference.
+
+# (B, C, c, H, W), window: odd sizes; C = c = 1 with several tiles per axis under window 3 (the
+# "valid" programs must also write Y''s border rows/columns, outside every map tile); a window
+# larger than the image (zero / reflect only).
+RESPONSE_SSIM_CASES = [((2, 4, 3, 13, 17), 5), ((1, 1, 1, 32, 32), 3), ((1, 3, 2, 4, 6), 7)]
+
+
+@pytest.mark.parametrize("case", range(len(RESPONSE_SSIM_CASES)))
+@pytest.mark.parametrize("padding", ("valid", "zero", "reflect"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device,backend", backend_params("spectral_response_ssim"))
+def test_kernel_spectral_response_ssim_fused(case, padding, dtype, device, backend):
+    pytest.importorskip("fastfuse.reference.ssim")
+    from fastfuse.reference.ssim import ssim_map as reference_ssim_map
+
+    (B, C, c, H, W), window_size = RESPONSE_SSIM_CASES[case]
+    if padding == "valid" and min(H, W) < window_size:
+        pytest.skip("'valid' needs the image to be at least the window (a checked error)")
+    g = torch.Generator().manual_seed(31 + case)
+    z64, y64 = _rounded(rand(B, C, H, W, g=g), dtype), _rounded(rand(B, c, H, W, g=g), dtype)
+    R64 = _rounded(rand(c, C, g=g) / C, dtype)
+    z = non_contiguous(z64.to(device, dtype)).requires_grad_(True)
+    R = R64.to(device, dtype).t().contiguous().t().requires_grad_(True)  # non-contiguous R too
+    y = y64.to(device, dtype).requires_grad_(True)
+    y_pseudo, smap = fastfuse.spectral_response_ssim(z, R, y, window_size=window_size, padding=padding,
+                                                     backend=backend)
+    zr, Rr, yr = (t.clone().requires_grad_(True) for t in (z64, R64, y64))
+    y_pseudo_ref, smap_ref = fastfuse.spectral_response_ssim(zr, Rr, yr, window_size=window_size,
+                                                             padding=padding, backend="torch")
+    assert y_pseudo.dtype == smap.dtype == dtype
+    assert y_pseudo.shape == y_pseudo_ref.shape and smap.shape == smap_ref.shape
+    assert_close(y_pseudo, y_pseudo_ref, dtype, name="y_pseudo")
+    # The map is that of the returned (rounded) Y': measure the kernel's error on it, and the
+    # whole op against the exact float64 composition within the error Y''s rounding brings.
+    smap_of_returned = reference_ssim_map(y_pseudo.detach().double().cpu(), y64, window_size, 1.5, 1.0, 0.01,
+                                          0.03, padding)
+    assert_close(smap, smap_of_returned, dtype, name="ssim of Y'")
+    assert_close(smap, smap_ref, dtype, rtol_scale=2, atol_scale=2, name="ssim")
+    g_y, g_map = rand(*y_pseudo_ref.shape, g=g) - 0.3, rand(*smap_ref.shape, g=g) - 0.3
+    g_y, g_map = _rounded(g_y, dtype), _rounded(g_map, dtype)
+    grads = torch.autograd.grad((y_pseudo, smap), (z, R, y), (g_y.to(device, dtype), g_map.to(device, dtype)))
+    grads_ref = torch.autograd.grad((y_pseudo_ref, smap_ref), (zr, Rr, yr), (g_y, g_map))
+    for got, want, name in zip(grads, grads_ref, ("dz", "dR", "dy")):
+        assert got.dtype == dtype and got.shape == want.shape
+        scale = max(1.0, want.abs().max().item())
+        assert_close(got, want, dtype, rtol_scale=4, atol_scale=4 * scale, name=name)
+
+
+@pytest.mark.parametrize("padding", ("valid", "zero", "reflect"))
+def test_triton_fused_response_ssim_writes_every_pixel(padding):
+    """The fused kernel alone, into a NaN-filled Y' buffer: every pixel must be written (the
+    "valid" map's tiles do not cover Y''s border), and the map must be that of the mix."""
+    pytest.importorskip("triton")
+    from fastfuse.reference.ssim import ssim_map as reference_ssim_map
+    from fastfuse.triton import ssim as triton_ssim
+
+    g = torch.Generator().manual_seed(41)
+    z, y = rand(2, 5, 62, 32, g=g).float(), rand(2, 2, 62, 32, g=g).float()
+    R = (rand(2, 5, g=g) / 5).float()
+    y_pseudo = torch.full((2, 2, 62, 32), float("nan"))
+    smap = triton_ssim.ssim_map_forward(y_pseudo, y, 3, 1.5, 1.0, 0.01, 0.03, padding, mix=(z, R))
+    expected = torch.einsum("oi,bihw->bohw", R.double(), z.double())
+    assert_close(y_pseudo, expected, torch.float32, name="y_pseudo")
+    assert_close(smap, reference_ssim_map(expected, y.double(), 3, 1.5, 1.0, 0.01, 0.03, padding), torch.float32,
+                 name="ssim")

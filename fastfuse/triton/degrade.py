@@ -11,8 +11,11 @@
                       padded positions that copied it (1 interior, more near a border) and, for
                       each, the ⌈k/r⌉² taps that land on kept pixels.
   spectral_response_ssim
-                      the spectral response kernel, then the ssim family's SSIM map of Y' (a
-                      composition: Y' is returned anyway, so fusing would only save re-reading it).
+                      one pass: the ssim family's forward kernel with its MIX prologue forms each
+                      tile+halo block of Y' = R·z straight from z, stores the Y' pixels the
+                      program owns and takes the SSIM map of the block (Y' never re-read).
+                      The backward recomputes Y', runs the ssim backward kernel, then
+                      dz = Rᵀ·dY' (channel-mix kernel) and dR = Σ dY'·zᵀ (torch GEMM).
   spatial_degrade_sam the degraded pixels and the SAM map against the observed LR-HSI in one
                       program per block of output pixels: the band loop blurs, stores X' and
                       accumulates the norms, a second band loop re-reads X' (now in L2) for the
@@ -393,8 +396,18 @@ def spatial_degrade_sam_backward(grad_x_pseudo, grad_sam, z, kernel, x, ratio, p
 
 
 def spectral_response_ssim_forward(z, R, y, window_size, sigma, data_range, k1, k2, padding):
-    # Y' is an output anyway, so composing the kernels costs only a re-read of Y' (c bands) over
-    # a single fused pass; the SSIM map comes from the ssim family's own best backend.
+    from fastfuse.triton import ssim as triton_ssim
+
+    B, _, H, W = z.shape
+    c = R.shape[0]
+    if (triton_ssim.supports(window_size, padding, data_range, k1, k2, z.dtype) is None and B * c > 0):
+        # One pass: each SSIM program forms its block of Y' = R·z from z, stores the Y' pixels it
+        # owns (every pixel once, the "valid" borders included) and takes the map of that block.
+        y_pseudo = torch.empty(B, c, H, W, dtype=z.dtype, device=z.device)
+        ssim = triton_ssim.ssim_map_forward(y_pseudo, y, window_size, sigma, data_range, k1, k2, padding,
+                                            mix=(z, R))
+        return y_pseudo, ssim
+    # Outside the ssim kernels' range (fp64, large windows) or empty: the two ops composed.
     from fastfuse.ops import ssim as _register_ssim  # noqa: F401  (registers torch.ops.fastfuse.ssim_map)
 
     y_pseudo = _channel_mix(z, R, z.dtype)

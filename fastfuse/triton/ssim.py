@@ -16,6 +16,12 @@ transposed filter, Mhᵀ @ A @ Mw — for "reflect" the transpose folds halo con
 construction:  dx = Gᵀ(A1x) + 2x·Gᵀ(A2) + y·Gᵀ(A3),  dy = Gᵀ(A1y) + 2y·Gᵀ(A2) + x·Gᵀ(A3).
 Nothing image-sized is stored between forward and backward.
 
+The forward kernel's MIX switch serves fastfuse.spectral_response_ssim in the same pass: x is not
+loaded but formed over the block as Y' = Σ_k R[j, k]·z[b, k] (fp32 accumulation, rounded to the
+output dtype so the map is that of the Y' returned), and the program stores the Y' pixels it owns:
+its tile's centres, plus the image border beyond them for the first and last tiles of each axis,
+so every Y' pixel is written exactly once although "valid" map tiles do not cover the border.
+
 A P×P block yields P − 2r useful output rows forward and P − 4r useful gradient rows backward.
 P is 32 (4 warps) for the usual windows and 64 (8 warps) for larger ones; windows up to
 MAX_WINDOW_SIZE are served, larger ones fall back to the reference under backend="auto" and are
@@ -157,20 +163,14 @@ def _filter(v, left, right, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_centered(x_ptr, x_base, y_ptr, y_base, row0, col0, n_rows, n_cols, sxh, sxw, syh, syw,
-                   P: tl.constexpr):
-    """(P, P) fp32 blocks of x and y from (row0, col0), zero outside the image, minus shifts.
+def _center(x, y, inside):
+    """Zero non-finite values and centre each block on the mean of its in-image values.
 
     SSIM does not change when a constant is subtracted from x (or y) everywhere, the zero padding
     included, so each block is centred on the mean of its in-image values: E[x²] − μ² then
     cancels far less in fp32 on bright, flat content. Non-finite values are zeroed (see module
     docstring); `finite` marks where they were.
     """
-    rows = row0 + tl.arange(0, P)
-    cols = col0 + tl.arange(0, P)
-    inside = ((rows >= 0) & (rows < n_rows))[:, None] & ((cols >= 0) & (cols < n_cols))[None, :]
-    x = tl.load(x_ptr + x_base + rows[:, None] * sxh + cols[None, :] * sxw, mask=inside, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + y_base + rows[:, None] * syh + cols[None, :] * syw, mask=inside, other=0.0).to(tl.float32)
     finite = (tl.abs(x) < float("inf")) & (tl.abs(y) < float("inf"))
     x = tl.where(finite, x, 0.0)
     y = tl.where(finite, y, 0.0)
@@ -178,6 +178,46 @@ def _load_centered(x_ptr, x_base, y_ptr, y_base, row0, col0, n_rows, n_cols, sxh
     shift_x = tl.sum(x) / count
     shift_y = tl.sum(y) / count
     return x - shift_x, y - shift_y, shift_x, shift_y, finite
+
+
+@triton.jit
+def _block_inside(row0, col0, n_rows, n_cols, P: tl.constexpr):
+    rows = row0 + tl.arange(0, P)
+    cols = col0 + tl.arange(0, P)
+    return ((rows >= 0) & (rows < n_rows))[:, None] & ((cols >= 0) & (cols < n_cols))[None, :]
+
+
+@triton.jit
+def _load_centered(x_ptr, x_base, y_ptr, y_base, row0, col0, n_rows, n_cols, sxh, sxw, syh, syw,
+                   P: tl.constexpr):
+    """(P, P) fp32 blocks of x and y from (row0, col0), zero outside the image, centred (_center)."""
+    rows = row0 + tl.arange(0, P)
+    cols = col0 + tl.arange(0, P)
+    inside = _block_inside(row0, col0, n_rows, n_cols, P)
+    x = tl.load(x_ptr + x_base + rows[:, None] * sxh + cols[None, :] * sxw, mask=inside, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + y_base + rows[:, None] * syh + cols[None, :] * syw, mask=inside, other=0.0).to(tl.float32)
+    return _center(x, y, inside)
+
+
+@triton.jit
+def _mixed_block(z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri, row0, col0, n_rows, n_cols,
+                 OUT_DTYPE: tl.constexpr, P: tl.constexpr):
+    """(P, P) block of x = Σ_c R[j, c]·z[b, c] (fp32 accumulation), zero outside the image.
+
+    Rounded to the output dtype: the SSIM map is then that of the Y' actually returned, exactly as
+    if Y' were written and re-read.
+    """
+    rows = row0 + tl.arange(0, P)
+    cols = col0 + tl.arange(0, P)
+    inside = _block_inside(row0, col0, n_rows, n_cols, P)
+    pixel = rows[:, None] * szh + cols[None, :] * szw
+    band_ptr = z_ptr + z_base
+    acc = tl.zeros((P, P), tl.float32)
+    for c in range(n_bands):
+        weight = tl.load(r_ptr + r_base + c * sri).to(tl.float32)
+        acc += weight * tl.load(band_ptr + pixel, mask=inside, other=0.0).to(tl.float32)
+        band_ptr += szc  # pointer arithmetic: band offsets stay 64-bit
+    return acc.to(OUT_DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -202,19 +242,52 @@ def _moments(x, y, mh, mwt, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _store_owned(x_ptr, x_base, x, row0, col0, n_rows, n_cols, sxh, sxw, first_h, last_h, first_w, last_w,
+                 P: tl.constexpr, R: tl.constexpr):
+    """Store the block pixels this program owns, so that the programs write every pixel once.
+
+    Block rows [R, P − R) (the tile's centres) are owned; the first tile also owns the rows
+    before them and the last tile those after them (clipped to the image), which covers the image
+    borders that "valid" tiles do not reach. Same along columns.
+    """
+    idx = tl.arange(0, P)
+    rows = row0 + idx
+    cols = col0 + idx
+    own_r = ((idx >= tl.where(first_h, 0, R)) & (idx < tl.where(last_h, P, P - R))
+             & (rows >= 0) & (rows < n_rows))
+    own_c = ((idx >= tl.where(first_w, 0, R)) & (idx < tl.where(last_w, P, P - R))
+             & (cols >= 0) & (cols < n_cols))
+    tl.store(x_ptr + x_base + rows[:, None] * sxh + cols[None, :] * sxw, x.to(x_ptr.dtype.element_ty),
+             mask=own_r[:, None] & own_c[None, :])
+
+
+@triton.jit
 def _ssim_fwd_kernel(x_ptr, y_ptr, out_ptr, C, H, W, OH, OW,
                      sxb, sxc, sxh, sxw, syb, syc, syh, syw, sob, soc, soh, sow,
                      tiles_h, tiles_w, center_offset, inv_two_var, c1, c2,
+                     z_ptr, r_ptr, n_bands, szb, szc, szh, szw, sro, sri,
                      P: tl.constexpr, R: tl.constexpr, WS: tl.constexpr, REFLECT: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, MIX: tl.constexpr):
+    """SSIM map of x and y. MIX: x is not read but formed from z and R (x = R·z, the spectral
+    response) over the block, and the program writes x_ptr's pixels it owns (see _store_owned)."""
     tile_h, tile_w, bi, ci = _tile_coords(tiles_h, tiles_w, C)
     T: tl.constexpr = P - 2 * R
     oh0 = tile_h * T
     ow0 = tile_w * T
     ih0 = oh0 + center_offset - R
     iw0 = ow0 + center_offset - R
-    x, y, shift_x, shift_y, finite = _load_centered(x_ptr, bi * sxb + ci * sxc, y_ptr, bi * syb + ci * syc,
-                                                    ih0, iw0, H, W, sxh, sxw, syh, syw, P)
+    if MIX:
+        x = _mixed_block(z_ptr, bi * szb, r_ptr, ci * sro, n_bands, szc, szh, szw, sri, ih0, iw0, H, W,
+                         x_ptr.dtype.element_ty, P)
+        _store_owned(x_ptr, bi * sxb + ci * sxc, x, ih0, iw0, H, W, sxh, sxw, tile_h == 0, tile_h == tiles_h - 1,
+                     tile_w == 0, tile_w == tiles_w - 1, P, R)
+        inside = _block_inside(ih0, iw0, H, W, P)
+        y = tl.load(y_ptr + bi * syb + ci * syc + (ih0 + tl.arange(0, P))[:, None] * syh
+                    + (iw0 + tl.arange(0, P))[None, :] * syw, mask=inside, other=0.0).to(tl.float32)
+        x, y, shift_x, shift_y, finite = _center(x, y, inside)
+    else:
+        x, y, shift_x, shift_y, finite = _load_centered(x_ptr, bi * sxb + ci * sxc, y_ptr, bi * syb + ci * syc,
+                                                        ih0, iw0, H, W, sxh, sxw, syh, syw, P)
     mh = _band(oh0, H, center_offset, inv_two_var, P, R, WS, REFLECT, False, False)
     mwt = _band(ow0, W, center_offset, inv_two_var, P, R, WS, REFLECT, False, True)
     # Moments of the centred blocks: the (co)variances directly, the means up to the shift.
@@ -368,17 +441,30 @@ def _common(window_size, sigma, data_range, k1, k2, padding, dtype):
 
 def ssim_map_forward(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float,
                      k1: float, k2: float, padding: str, *, block: Optional[int] = None,
-                     precision: Optional[str] = None) -> torch.Tensor:
-    """SSIM map (B, C, H', W') in x's dtype; arguments already checked by fastfuse.ops.ssim."""
+                     precision: Optional[str] = None,
+                     mix: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """SSIM map (B, C, H', W') in x's dtype; arguments already checked by fastfuse.ops.ssim.
+
+    mix = (z, R), z (B, K, H, W) and R (C, K): x is then an uninitialised (B, C, H, W) buffer that
+    the same pass fills with R·z (fp32 accumulation, x's dtype) while taking the SSIM map of it
+    — spectral_response_ssim without writing Y' and reading it back. Needs a non-empty map.
+    """
     radius, center_offset, inv_two_var, c1, c2, reflect = _common(window_size, sigma, data_range, k1, k2, padding,
                                                                   x.dtype)
     batch, channels, height, width = x.shape
     out_h, out_w = output_size(height, window_size, padding), output_size(width, window_size, padding)
     out = torch.empty((batch, channels, out_h, out_w), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
+        if mix is not None:
+            raise ValueError("fastfuse.ssim_map: the fused spectral mix needs a non-empty SSIM map")
         return out
     block = _pick_block(block, forward_block(radius), radius, 2)
-    _check_plane_extent(block, x, y, out)
+    _check_plane_extent(block, x, y, out, *(mix[:1] if mix is not None else ()))
+    if mix is None:
+        mix_args = (x, x, 0, 0, 0, 0, 0, 0, 0)  # unused pointers and strides
+    else:
+        z, mix_matrix = mix
+        mix_args = (z, mix_matrix, z.shape[1], *z.stride(), *mix_matrix.stride())
     tile = block - 2 * radius
     tiles_h, tiles_w = triton.cdiv(out_h, tile), triton.cdiv(out_w, tile)
     grid = (batch * channels * tiles_h * tiles_w,)
@@ -386,8 +472,9 @@ def ssim_map_forward(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: 
         x, y, out, channels, height, width, out_h, out_w,
         *x.stride(), *y.stride(), *out.stride(),
         tiles_h, tiles_w, center_offset, inv_two_var, c1, c2,
+        *mix_args,
         P=block, R=radius, WS=window_size, REFLECT=reflect, PRECISION=precision or dot_precision(x.device),
-        num_warps=_num_warps(block))
+        MIX=mix is not None, num_warps=_num_warps(block))
     return out
 
 
