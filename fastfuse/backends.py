@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "cpu", "triton", "cuda")
 # Kernels that index with int32 must refuse larger tensors instead of wrapping around.
 INT32_LIMIT = 2**31 - 1
 
@@ -102,7 +102,9 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
         return f"op {op!r} is not implemented in the {backend!r} backend (it has: {have})"
     if backend == "torch":
         return None
-    if backend == "triton":
+    if backend == "cpu":
+        reason = None if device.type == "cpu" else f"the cpu backend needs CPU tensors (got {device.type})"
+    elif backend == "triton":
         reason = triton_unavailable_reason()
         if reason is None and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
             reason = (f"the triton backend needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
@@ -146,9 +148,9 @@ def resolve(op: str, backend: str, device: torch.device, numel: int = 0) -> str:
         if device.type == "cuda":
             order = _PREFERENCE.get(op, ("cuda", "triton", "torch"))
         elif triton_interpret():
-            order = ("triton", "torch")
+            order = ("triton", "cpu", "torch")
         else:
-            order = ("torch",)
+            order = ("cpu", "torch")
         for name in order:
             if unavailable_reason(op, name, device) is None and _fits(op, name, numel):
                 return name

@@ -34,29 +34,35 @@ def _autograd_recording():
 
 
 def reference_vjp(forward: Callable, inputs: Sequence[torch.Tensor | None],
-                  grad_outputs: Sequence[torch.Tensor | None], **kwargs) -> list[torch.Tensor]:
-    """Gradients of `forward(*inputs, **kwargs)` w.r.t. every floating tensor input.
+                  grad_outputs: Sequence[torch.Tensor | None], *, needs: Sequence[bool] | None = None,
+                  **kwargs) -> list[torch.Tensor]:
+    """Gradients of `forward(*inputs, **kwargs)` w.r.t. every floating tensor input (or, with
+    `needs`, one flag per input, only those flagged; the others get zeros).
 
     Returns one tensor per input: zeros for an integer input or an input that does not reach the
     outputs, an empty tensor for a None input (custom ops cannot return None).
     """
     with _autograd_recording():
-        leaves = [t.detach().requires_grad_(True) if t is not None and t.is_floating_point() else t
-                  for t in inputs]
+        flags = [True] * len(inputs) if needs is None else list(needs)
+        leaves = [t.detach().requires_grad_(True)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() and flag else t
+                  for t, flag in zip(inputs, flags)]
         outs = forward(*leaves, **kwargs)
         outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
         pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grad_outputs)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-        wrt = [t for t in leaves if t is not None and t.is_floating_point()]
+        wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
         grads = (torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
                  if pairs and wrt else [None] * len(wrt))
     found = iter(grads)
-    device = next(t.device for t in inputs if t is not None)
+    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
     result = []
     for t in leaves:
         if t is None:
             result.append(torch.empty(0, device=device))
-        elif not t.is_floating_point():
+        elif not isinstance(t, torch.Tensor):
+            result.append(None)  # a non-tensor argument (the declarative ops pass every argument)
+        elif not t.requires_grad:
             result.append(torch.zeros_like(t))
         else:
             g = next(found)

@@ -5,8 +5,7 @@ import torch
 
 from fastfuse import backends
 from fastfuse._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
-from fastfuse.ops._autograd import reference_vjp
-from fastfuse.reference import sam as reference
+from fastfuse.ops._define import define_op
 
 OP = "sam_map"
 backends.register(OP, "torch", "fastfuse.reference.sam:sam_map")
@@ -19,44 +18,8 @@ backends.register(OP, "cuda", "fastfuse.cuda.sam:sam_map_forward", "fastfuse.cud
 backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 
-@torch.library.custom_op("fastfuse::sam_map", mutates_args=())
-def _sam_map(x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float, backend: str) -> torch.Tensor:
-    return backends.forward_kernel(OP, backend, x)(x, y, degrees, eps)
-
-
-@_sam_map.register_fake
-def _(x, y, degrees, eps, backend):
-    return x.new_empty((x.shape[0], x.shape[2], x.shape[3]))
-
-
-@torch.library.custom_op("fastfuse::sam_map_backward", mutates_args=())
-def _sam_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    kernel = backends.backward_kernel(OP, backend, x)
-    if kernel is None:
-        gx, gy = reference_vjp(reference.sam_map, (x, y), (grad,), degrees=degrees, eps=eps)
-        return gx, gy
-    return kernel(grad, x, y, degrees, eps)
-
-
-@_sam_map_backward.register_fake
-def _(grad, x, y, degrees, eps, backend):
-    return torch.empty_like(x), torch.empty_like(y)
-
-
-def _setup_context(ctx, inputs, output):
-    x, y, degrees, eps, backend = inputs
-    ctx.save_for_backward(x, y)
-    ctx.args = (degrees, eps, backend)
-
-
-def _backward(ctx, grad):
-    x, y = ctx.saved_tensors
-    gx, gy = torch.ops.fastfuse.sam_map_backward(grad, x, y, *ctx.args)
-    return gx, gy, None, None, None
-
-
-_sam_map.register_autograd(_backward, setup_context=_setup_context)
+@define_op(OP, differentiable=("x", "y"), fake=lambda x, y, degrees, eps: x.new_empty((x.shape[0], *x.shape[2:])))
+def _sam_map(x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float) -> torch.Tensor: ...
 
 
 def sam_map(x: torch.Tensor, y: torch.Tensor, *, degrees: bool = True, eps: float = 1e-8,
@@ -73,4 +36,4 @@ def sam_map(x: torch.Tensor, y: torch.Tensor, *, degrees: bool = True, eps: floa
     check_same_device(OP, x=x, y=y)
     if x.shape[1] == 0:
         raise ValueError(f"fastfuse.{OP}: x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
-    return torch.ops.fastfuse.sam_map(x, y, bool(degrees), float(eps), backend)
+    return _sam_map.forward_op(x, y, bool(degrees), float(eps), backend)
