@@ -32,7 +32,7 @@ __all__ = sorted(_PUBLIC) + ["load_all", "__version__"]
 
 
 def __getattr__(name: str):  # submodules on first use
-    if name in ("metrics", "flops", "nn", "backends", "reference", "ops", "data"):
+    if name in ("metrics", "flops", "nn", "backends", "reference", "ops", "data", "models"):
         return importlib.import_module(f"fastfuse.{name}")
     raise AttributeError(f"module 'fastfuse' has no attribute {name!r}")
 
@@ -44,6 +44,7 @@ def load_all() -> None:
 
 
 load_all()
+importlib.import_module("fastfuse.cpu")  # the cpu backend's registrations (kernels load on first use)
 globals().update({name: getattr(importlib.import_module(module), name) for name, module in _PUBLIC.items()})
 from fastfuse import flops as _flops  # noqa: E402  (registers the FLOP formulas of the ops above)
 
