@@ -328,3 +328,81 @@ def test_simulate_cave_scene(shared_data):
     # Blur and a row-stochastic R preserve the range of the scene.
     assert lr.min() >= z.min() - 1e-6 and lr.max() <= z.max() + 1e-6
     assert msi.min() >= z.min() - 1e-6 and msi.max() <= z.max() + 1e-6
+
+
+# --------------------------------------------------------------------------- bad input (each a reported repro)
+
+def test_read_mat_cube_refuses_complex_bad_scale_and_integer_dtype(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    cube = np.random.default_rng(5).random((4, 5, 3))
+    scipy_io.savemat(tmp_path / "c.mat", {"z": cube + 1j * cube})
+    with pytest.raises(ValueError, match="is complex"):
+        data.read_mat_cube(tmp_path / "c.mat")
+    scipy_io.savemat(tmp_path / "r.mat", {"z": cube})
+    with pytest.raises(ValueError, match="finite positive"):
+        data.read_mat_cube(tmp_path / "r.mat", scale=float("inf"))
+    with pytest.raises(TypeError, match="scale must be a number"):
+        data.read_mat_cube(tmp_path / "r.mat", scale="255")
+    with pytest.raises(TypeError, match="real floating torch dtype"):
+        data.read_mat_cube(tmp_path / "r.mat", dtype=torch.int64)
+    (tmp_path / "notmat.mat").write_bytes(b"this is not a MAT file at all" * 10)
+    with pytest.raises(ValueError, match="notmat.mat is not a readable MATLAB"):
+        data.read_mat(tmp_path / "notmat.mat")
+
+
+def test_read_mat_cube_spectra_matrix_in_column_major_order(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    H, W, C = 3, 4, 5
+    hwc = np.arange(H * W * C, dtype=np.float64).reshape(H, W, C)
+    spectra = hwc.reshape(H * W, C, order="F").T          # (bands, pixels) as unmixing data sets store it
+    scipy_io.savemat(tmp_path / "u.mat", {"Y": spectra, "nRow": H, "nCol": W})
+    with pytest.raises(ValueError, match=r"pass key= and shape=\(H, W\)"):
+        data.read_mat_cube(tmp_path / "u.mat")
+    got = data.read_mat_cube(tmp_path / "u.mat", "Y", shape=(H, W), dtype=torch.float64)
+    np.testing.assert_array_equal(got.numpy(), hwc.transpose(2, 0, 1))
+    got_t = data.read_mat_cube(tmp_path / "u.mat", "Y", shape=(W, H), dtype=torch.float64)
+    assert got_t.shape == (C, W, H)
+    with pytest.raises(ValueError, match="needs 7 pixels"):
+        data.read_mat_cube(tmp_path / "u.mat", "Y", shape=(7, 1))
+
+
+def test_jasper_ridge_reads_with_shape(shared_data):
+    scipy_io = pytest.importorskip("scipy.io")
+    path = shared_data / "jasper_ridge_100x100x198.mat"
+    cube = data.read_mat_cube(path, "Y", shape=(100, 100), scale=5000)
+    expected = scipy_io.loadmat(path)["Y"].T.reshape(100, 100, 198, order="F").transpose(2, 0, 1) / 5000
+    np.testing.assert_allclose(cube.numpy(), expected, rtol=1e-6)
+
+
+def test_read_cave_duplicates_dtype_bands_and_truncated(tmp_path):
+    planes = [np.full((3, 3), 10 * k, dtype=np.uint8) for k in range(1, 3)]
+    write_cave(tmp_path / "d", planes)
+    write_cave(tmp_path / "d", planes[:1], prefix="other")   # a second *_01.png
+    with pytest.raises(ValueError, match="several PNGs for the same band"):
+        data.read_cave(tmp_path / "d", bands=2)
+    write_cave(tmp_path / "ok", planes)
+    with pytest.raises(TypeError, match="real floating torch dtype"):
+        data.read_cave(tmp_path / "ok", bands=2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="bands must be a positive int"):
+        data.read_cave(tmp_path / "ok", bands=0)
+    band = next((tmp_path / "ok").glob("*_02.png"))
+    band.write_bytes(band.read_bytes()[:40])                  # truncated after the header
+    with pytest.raises(ValueError, match=f"cannot decode .*{band.name}"):
+        data.read_cave(tmp_path / "ok", bands=2)
+
+
+def test_envi_unterminated_brace_is_an_error(tmp_path):
+    (tmp_path / "x.hdr").write_text("ENVI\ndescription = {never closed\nsamples = 2\nlines = 2\nbands = 1\n"
+                                    "data type = 4\n")
+    with pytest.raises(ValueError, match="'description' .* never closes"):
+        data.read_envi_header(tmp_path / "x.hdr")
+
+
+def test_srf_and_scene_argument_errors():
+    with pytest.raises(ValueError, match="within 200–1200 nm"):
+        data.nikon_d700_gaussian([1e6])
+    with pytest.raises(TypeError, match="must be numbers in nm"):
+        data.nikon_d700_gaussian(["a"])
+    assert torch.isfinite(data.nikon_d700_gaussian([400, 550, 700])).all()
+    with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*64\)"):
+        data.synthetic_scene(8, 8, 3, seed=2**70)

@@ -21,10 +21,31 @@ PathLike = Union[str, os.PathLike]
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+# --------------------------------------------------------------------------- argument checks
+
+def _check_float_dtype(fn: str, dtype) -> None:
+    # An integer dtype would truncate values in [0, 1] to zeros: refuse it rather than return them.
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"fastfuse.data.{fn}: dtype must be a real floating torch dtype (e.g. torch.float32), "
+                        f"got {dtype!r}")
+
+
+def _check_scale(fn: str, scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"fastfuse.data.{fn}: scale must be a number (e.g. 255 or 65535) or None, "
+                        f"got {type(scale).__name__} {scale!r}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"fastfuse.data.{fn}: scale must be a finite positive number, got {scale!r}")
+
+
 # --------------------------------------------------------------------------- PNG / CAVE
 
 def _png_bit_depth(path: Path) -> tuple[int, int]:
     """(bit depth, colour type) from the IHDR chunk: the scale of the stored integers."""
+    if not path.is_file():
+        raise FileNotFoundError(f"fastfuse.data.read_png: no such file {path}")
     with open(path, "rb") as f:
         head = f.read(26)
     if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
@@ -38,14 +59,20 @@ def _decode_png(path: Path) -> np.ndarray:
     except ImportError:
         Image = None
     if Image is not None:
-        with Image.open(path) as img:
-            return np.array(img)
+        try:
+            with Image.open(path) as img:
+                return np.array(img)
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+            raise ValueError(f"fastfuse.data.read_png: cannot decode {path} ({exc})") from None
     try:
         import imageio.v3 as iio
     except ImportError:
         raise ImportError("fastfuse.data.read_png needs a PNG decoder: install Pillow (pip install pillow) "
                           "or imageio") from None
-    return np.asarray(iio.imread(path))
+    try:
+        return np.asarray(iio.imread(path))
+    except Exception as exc:  # imageio raises several types for truncated data
+        raise ValueError(f"fastfuse.data.read_png: cannot decode {path} ({exc})") from None
 
 
 def _read_png_band(path: Path) -> tuple[np.ndarray, int]:
@@ -81,12 +108,18 @@ _BAND_PATTERN = re.compile(r"_(\d+)\.png$", re.IGNORECASE)
 
 
 def _band_files(folder: Path) -> dict[int, Path]:
-    found = {}
-    for p in folder.iterdir():
+    found: dict[int, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
         m = _BAND_PATTERN.search(p.name)
         if m and p.is_file():
-            found[int(m.group(1))] = p
-    return found
+            found.setdefault(int(m.group(1)), []).append(p)
+    # Two files for one band (a_01.png and b_01.png, or 01 and 001) would be picked by directory
+    # order, which differs between file systems: refuse instead of guessing.
+    clashes = {k: [p.name for p in v] for k, v in found.items() if len(v) > 1}
+    if clashes:
+        raise ValueError(f"fastfuse.data.read_cave: {folder} has several PNGs for the same band: {clashes}; "
+                         "keep one file per band")
+    return {k: v[0] for k, v in found.items()}
 
 
 def read_cave(folder: PathLike, *, bands: int = 31, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -97,6 +130,9 @@ def read_cave(folder: PathLike, *, bands: int = 31, dtype: torch.dtype = torch.f
     band PNGs is searched one level deeper when it has exactly one subfolder.
     """
     folder = Path(folder)
+    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+        raise ValueError(f"fastfuse.data.read_cave: bands must be a positive int, got {bands!r}")
+    _check_float_dtype("read_cave", dtype)
     if not folder.is_dir():
         raise FileNotFoundError(f"fastfuse.data.read_cave: {folder} is not a folder")
     files = _band_files(folder)
@@ -151,43 +187,84 @@ def read_mat(path: PathLike) -> dict[str, np.ndarray]:
         import scipy.io
     except ImportError:
         raise ImportError("fastfuse.data.read_mat needs scipy (pip install scipy)") from None
-    return {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+    try:
+        variables = scipy.io.loadmat(path)
+    except Exception as exc:  # scipy raises ValueError/TypeError/MatReadError for non-MAT content
+        raise ValueError(f"fastfuse.data.read_mat: {path} is not a readable MATLAB .mat file ({exc})") from None
+    return {k: v for k, v in variables.items() if not k.startswith("__")}
 
 
 LAYOUTS = ("HWC", "CHW")
 
 
 def read_mat_cube(path: PathLike, key: Optional[str] = None, *, layout: str = "HWC",
-                  scale: Optional[float] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One 3-D array of a .mat file as a (bands, H, W) tensor.
+                  scale: Optional[float] = None, dtype: torch.dtype = torch.float32,
+                  shape: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """One cube of a .mat file as a (bands, H, W) tensor.
 
-    key: the variable; None picks the file's only 3-D array. layout: how the file stores it,
-    "HWC" (the usual H × W × bands of CAVE/Harvard/ICVL copies) or "CHW". scale: divide by it
-    (255 for 8-bit copies, 65535 for 16-bit); None keeps the stored values.
+    key: the variable; None picks the file's only 3-D array. layout: how the file stores a 3-D
+    array, "HWC" (the usual H × W × bands of CAVE/Harvard/ICVL copies) or "CHW". scale: divide by
+    it (255 for 8-bit copies, 65535 for 16-bit); None keeps the stored values.
+
+    shape=(H, W) reads a 2-D matrix of spectra, (bands, H·W) or (H·W, bands), the layout of
+    unmixing data sets such as Jasper Ridge (`read_mat_cube(p, "Y", shape=(100, 100))`). Its pixels
+    are taken in MATLAB's column-major order (pixel p at row p mod H, column p div H), which is
+    how those files are written. Complex arrays are refused: a cube is real.
     """
+    _check_float_dtype("read_mat_cube", dtype)
+    _check_scale("read_mat_cube", scale)
+    if layout not in LAYOUTS:
+        raise ValueError(f"fastfuse.data.read_mat_cube: layout must be one of {LAYOUTS}, got {layout!r}")
     variables = read_mat(path)
     if key is None:
         cubes = [k for k, v in variables.items() if isinstance(v, np.ndarray) and v.ndim == 3]
         if len(cubes) != 1:
+            matrices = [k for k, v in variables.items() if isinstance(v, np.ndarray) and v.ndim == 2
+                        and min(v.shape) > 1 and np.issubdtype(v.dtype, np.number)]
+            hint = (f"; its 2-D matrices {matrices} may hold spectra: pass key= and shape=(H, W)"
+                    if not cubes and matrices else "")
             raise ValueError(f"fastfuse.data.read_mat_cube: {path} has {len(cubes)} 3-D arrays ({cubes}); "
-                             f"pass key= (variables: {sorted(variables)})")
+                             f"pass key= (variables: {sorted(variables)}){hint}")
         key = cubes[0]
     if key not in variables:
         raise KeyError(f"fastfuse.data.read_mat_cube: {path} has no variable {key!r} (it has {sorted(variables)})")
     arr = variables[key]
-    if not isinstance(arr, np.ndarray) or arr.ndim != 3 or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"fastfuse.data.read_mat_cube: {key!r} in {path} must be a numeric 3-D array, got "
-                         f"{getattr(arr, 'shape', type(arr).__name__)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"fastfuse.data.read_mat_cube: layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "HWC":
-        arr = arr.transpose(2, 0, 1)
-    cube = torch.from_numpy(np.ascontiguousarray(arr).astype(np.float64))
+    if isinstance(arr, np.ndarray) and np.iscomplexobj(arr):
+        raise ValueError(f"fastfuse.data.read_mat_cube: {key!r} in {path} is complex; a hyperspectral cube is "
+                         "real (take .real or abs() yourself if that is what you mean)")
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"fastfuse.data.read_mat_cube: {key!r} in {path} must be a numeric array, got "
+                         f"{getattr(arr, 'dtype', type(arr).__name__)}")
+    if shape is not None:
+        arr = _spectra_to_hwc(arr, shape, key, path)
+    elif arr.ndim != 3:
+        raise ValueError(f"fastfuse.data.read_mat_cube: {key!r} in {path} must be a numeric 3-D array, got shape "
+                         f"{arr.shape}" + ("; for a (bands, pixels) matrix pass shape=(H, W)" if arr.ndim == 2 else ""))
+    elif layout == "CHW":
+        arr = arr.transpose(1, 2, 0)
+    cube = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)).astype(np.float64))
     if scale is not None:
-        if not scale > 0:
-            raise ValueError(f"fastfuse.data.read_mat_cube: scale must be positive, got {scale!r}")
-        cube = cube / scale
+        cube = cube / float(scale)
     return cube.to(dtype)
+
+
+def _spectra_to_hwc(arr: np.ndarray, shape, key: str, path) -> np.ndarray:
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError(f"fastfuse.data.read_mat_cube: shape must be a pair of positive ints (H, W), got {shape!r}")
+    height, width = int(shape[0]), int(shape[1])
+    if arr.ndim != 2:
+        raise ValueError(f"fastfuse.data.read_mat_cube: shape= is for a 2-D matrix of spectra, but {key!r} in "
+                         f"{path} has shape {arr.shape}")
+    pixels = height * width
+    if arr.shape[1] == pixels:
+        spectra = arr.T          # (bands, pixels) as in Jasper Ridge's Y
+    elif arr.shape[0] == pixels:
+        spectra = arr
+    else:
+        raise ValueError(f"fastfuse.data.read_mat_cube: {key!r} in {path} has shape {arr.shape}, but shape="
+                         f"{(height, width)} needs {pixels} pixels along one dimension")
+    return spectra.reshape(height, width, -1, order="F")
 
 
 # --------------------------------------------------------------------------- ENVI
@@ -196,6 +273,14 @@ def read_mat_cube(path: PathLike, key: Optional[str] = None, *, layout: str = "H
 _ENVI_DTYPES = {1: np.uint8, 2: np.int16, 3: np.int32, 4: np.float32, 5: np.float64,
                 12: np.uint16, 13: np.uint32, 14: np.int64, 15: np.uint64}
 _ENVI_DATA_SUFFIXES = ("", ".img", ".dat", ".raw", ".bsq", ".bil", ".bip", ".IMG", ".DAT", ".RAW")
+
+
+_FIELD = re.compile(r"^\s*[A-Za-z][A-Za-z0-9 _]*=")
+
+
+def _starts_field(line: str) -> bool:
+    """A line that begins a new `name = value` field (brace values never contain one)."""
+    return bool(_FIELD.match(line)) and "}" not in line.partition("=")[0]
 
 
 def read_envi_header(path: PathLike) -> dict:
@@ -216,10 +301,13 @@ def read_envi_header(path: PathLike) -> dict:
         value = value.strip()
         if value.startswith("{"):
             # Brace values (wavelength lists, descriptions) may run over many lines.
-            while "}" not in value and i < len(lines):
+            while "}" not in value and i < len(lines) and not _starts_field(lines[i]):
                 value += " " + lines[i].strip()
                 i += 1
-            inner = value[1:value.rfind("}")] if "}" in value else value[1:]
+            if "}" not in value:
+                raise ValueError(f"fastfuse.data.read_envi_header: the value of {name.strip()!r} in {path} opens "
+                                 "'{' but never closes it before the next field or the end of the file")
+            inner = value[1:value.rfind("}")]
             fields[name.strip().lower()] = [v.strip() for v in inner.split(",")] if "," in inner else inner.strip()
         else:
             fields[name.strip().lower()] = value
@@ -263,6 +351,7 @@ def read_envi(path: PathLike, *, dtype: torch.dtype = torch.float32) -> torch.Te
     (bsq, bil, bip), byte order (0 little-endian, 1 big-endian; 0 when absent) and header offset.
     Values are the stored numbers converted to `dtype`; no gain/offset or scale is applied.
     """
+    _check_float_dtype("read_envi", dtype)
     header_path, data_path = _envi_paths(Path(path))
     header = read_envi_header(header_path)
     samples = _header_int(header, "samples", header_path)

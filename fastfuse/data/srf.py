@@ -61,9 +61,17 @@ def nikon_d700_gaussian(wavelengths=CAVE_WAVELENGTHS, *, dtype: torch.dtype = to
 
     An approximation (see NIKON_D700_GAUSSIAN_BANDS), documented as such wherever it is used.
     """
-    wl = torch.as_tensor(wavelengths, dtype=torch.float64).reshape(1, -1)
+    try:
+        wl = torch.as_tensor(wavelengths, dtype=torch.float64).reshape(1, -1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"fastfuse.data.nikon_d700_gaussian: wavelengths must be numbers in nm, got "
+                        f"{wavelengths!r}") from None
     if wl.numel() == 0:
         raise ValueError("fastfuse.data.nikon_d700_gaussian: wavelengths must not be empty")
+    # Far outside the camera's range every Gaussian underflows to 0 and the row sums would be 0/0.
+    if not torch.isfinite(wl).all() or (wl < 200).any() or (wl > 1200).any():
+        raise ValueError("fastfuse.data.nikon_d700_gaussian: wavelengths must be finite and within 200–1200 nm "
+                         f"(the approximation covers the visible range), got {wavelengths!r}")
     centres = torch.tensor([[c] for c, _ in NIKON_D700_GAUSSIAN_BANDS.values()], dtype=torch.float64)
     widths = torch.tensor([[s] for _, s in NIKON_D700_GAUSSIAN_BANDS.values()], dtype=torch.float64)
     r = torch.exp(-0.5 * ((wl - centres) / widths) ** 2)
@@ -85,8 +93,9 @@ def load_srf(name: str, data_dir: Optional[PathLike] = None, *, normalize: bool 
     """A spectral response as an (msi_bands, hsi_bands) matrix R.
 
     name: one of `available_srfs()`. "nikon_d700_gaussian" is analytic (31 CAVE bands, no
-    data_dir). Every other name is a published table read from `data_dir` (a folder with the
-    layout of the project's shared data, e.g. ../shared/data); "nikon_d700" is the P_N_V2 table
+    data_dir). Every other name is a published table read from `data_dir`, a folder holding the
+    table under the relative path given in SRF_TABLES (e.g. `<data_dir>/srf/srf_nikon_d700_daem.mat`
+    as distributed with DAEM and HIFtool); "nikon_d700" is the P_N_V2 table
     (the three published D700 tables differ by up to 0.033 per entry: choose by name).
     normalize: scale every row to sum to 1, so that an MSI band is a weighted mean of HSI bands
     and keeps the HSI's range (tables that are stored unnormalised change scale).

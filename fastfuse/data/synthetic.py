@@ -73,7 +73,10 @@ def synthetic_scene(height: int = 64, width: int = 64, bands: int = 31, *, endme
         _check_size(name, value)
     if not 0.0 <= texture < 0.5:
         raise ValueError(f"fastfuse.data.synthetic_scene: texture must be in [0, 0.5), got {texture!r}")
-    generator = torch.Generator().manual_seed(int(seed))
+    # torch.Generator takes seeds in [-2**63, 2**64); anything else would raise a bare RuntimeError.
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"fastfuse.data.synthetic_scene: seed must be an int in [-2**63, 2**64), got {seed!r}")
+    generator = torch.Generator().manual_seed(seed)
     spectra = synthetic_endmembers(bands, endmembers, generator)
     abundances = synthetic_abundances(height, width, endmembers, generator)
     shading = 1.0 + texture * torch.tanh(_smooth_fields(1, height, width, 1.0, generator)[0])
