@@ -3,10 +3,10 @@
 Each check runs the public op with the backend under test on inputs of the tested dtype, and the
 same op with backend="torch" on float64 copies of *those* inputs (the rounding of the inputs to
 fp16/bf16 is not the kernel's error), then compares outputs and the gradients of one random
-cotangent. The input generators below follow DESIGN.md's signatures; an op registered without a
+cotangent. The input generators below follow the documented signatures (docs/design.md); an op registered without a
 generator is reported as skipped, never silently passed.
 
-Tolerances are the library's (mamba-ssm's test tolerances, as in DESIGN.md): `allclose` with
+Tolerances are the library's (mamba-ssm's test tolerances, see docs/design.md): `allclose` with
 `TOLERANCES[dtype]` for forward outputs and `GRAD_TOLERANCE_SCALE` times looser for gradients,
 because a backward pass accumulates over a whole row (the scan over L, the window in SSIM, the
 channels in SAM) where the forward error of one element does not. A case may scale both further
@@ -24,7 +24,7 @@ import torch
 import fastfuse
 from fastfuse import backends
 
-# (rtol, atol) against the float64 reference: mamba-ssm's tests, DESIGN.md "Numerics".
+# (rtol, atol) against the float64 reference: mamba-ssm's tests, docs/design.md "Numerics".
 TOLERANCES = {
     torch.float64: (1e-9, 1e-9),
     torch.float32: (6e-4, 2e-3),

@@ -1,4 +1,4 @@
-"""Fusion quality metrics, each with its convention named (DESIGN.md "metrics", ANCHORS.md).
+"""Fusion quality metrics, each with its convention named (docs/design.md, "Metrics").
 
 Papers that report the "same" metric often compute different things (per-band or global PSNR,
 ERGAS with 100·ratio or 100/ratio, SAM with or without zero pixels, UIQI with 8 or 32 pixel

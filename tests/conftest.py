@@ -25,5 +25,5 @@ def shared_data():
     from testing_utils import shared_data_dir
     path = shared_data_dir()
     if path is None:
-        pytest.skip("../shared/data is not present on this machine")
+        pytest.skip("the shared data folder (../shared/data beside the checkout) is not present")
     return path

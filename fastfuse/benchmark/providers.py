@@ -2,7 +2,7 @@
 and third-party peers. Each provider says why it cannot run a case rather than failing it.
 
 A provider is `Provider(name, kind, ops, build, unavailable)`: `build(case, inputs)` returns a
-zero-argument callable computing the op's result from the case's inputs (DESIGN.md argument
+zero-argument callable computing the op's result from the case's inputs (docs/design.md argument
 names), `unavailable(case, device, dtype)` returns None or the reason. `kind` is "fastfuse",
 "reference" (the pure-PyTorch oracle, eager or compiled) or "peer" (another library, or the plain
 PyTorch a user would write); ratios in the report are against the best reference or peer.

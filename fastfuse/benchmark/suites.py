@@ -1,6 +1,6 @@
 """Benchmark shapes per op: the shapes the papers and peer libraries report, and a --quick subset.
 
-Every case builds the arguments of the public fastfuse call (DESIGN.md signatures); providers
+Every case builds the arguments of the public fastfuse call (docs/design.md signatures); providers
 translate them to their own API. Shapes:
 
 * ssim: 5×5×1080×1920 fp32 (fused-ssim's headline), 1×31×512×512 (a CAVE image), 64×3×64×64.

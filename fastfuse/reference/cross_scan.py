@@ -54,7 +54,7 @@ def cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bi
                          dt_projs_weight: torch.Tensor, dt_projs_bias: torch.Tensor, A_logs: torch.Tensor,
                          Ds: torch.Tensor, delta_softplus: bool = True, out_dtype: Optional[torch.dtype] = None,
                          channel_last: bool = False) -> torch.Tensor:
-    """VMamba's cross selective scan, composed exactly as the contract states (DESIGN.md).
+    """VMamba's cross selective scan, composed exactly as the contract states (docs/design.md).
 
     x: (B, D, H, W) [or (B, H, W, D) if channel_last]; returns the same layout, in out_dtype
     (default x's dtype). Everything is computed in fp32 (fp64 when x is fp64), weights included.

@@ -40,7 +40,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False):
-    """Drop-in for mamba-ssm's `selective_scan_fn` (semantics in DESIGN.md).
+    """Drop-in for mamba-ssm's `selective_scan_fn` (semantics in docs/design.md).
 
     u, delta, z: (batch, D, L); A: (D, N); B, C: (batch, N, L) or grouped (batch, G, N, L), channel
     d reading group d // (D/G); D, delta_bias: (D,). Returns out (batch, D, L) in u's dtype, and

@@ -1,6 +1,6 @@
 """SSIM map with a Gaussian window: the readable, float64-capable oracle.
 
-Conventions (DESIGN.md, "ssim_map / ssim"):
+Conventions (also in docs/design.md, "ssim_map / ssim"):
 
 - Window: the sampled 1-D Gaussian exp(-t²/2σ²), t = -r..r with r = window_size // 2, normalised
   to sum 1, applied separably (rows, then columns); per channel, never across channels.
