@@ -33,5 +33,14 @@ def family_benchmark(family: str, ops: list, module_name: str):
     test.__name__ = test.__qualname__ = f"test_{family}"
     if module_name == "__main__":
         from fastfuse.cli import main
-        sys.exit(main(["bench", *ops, *sys.argv[1:]]))
+        argv = sys.argv[1:]
+        if any(a in ("-h", "--help") for a in argv):
+            # The script's own usage: it is `fastfuse bench` with its family's ops filled in.
+            print(f"usage: python {Path(sys.argv[0]).name} [fastfuse bench options]\n\n"
+                  f"Benchmarks {', '.join(ops)} (the {family} family): runs `fastfuse bench {' '.join(ops)}` with "
+                  "the options given (e.g. --quick, --dtype fp32,bf16, --mode fwd|fwdbwd|both, --device cpu, "
+                  "--out DIR); `fastfuse bench --help` lists them all. Under pytest: "
+                  f"`pytest {Path(sys.argv[0]).name}` (pytest-benchmark options apply).")
+            sys.exit(0)
+        sys.exit(main(["bench", *ops, *argv]))
     return test

@@ -39,8 +39,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     args = parser.parse_args(argv)
-    rows = availability(args.device, args.dtype)
+    rows = [("op", "provider", "kind", "available")] + availability(args.device, args.dtype)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print(f"providers on {args.device}, {args.dtype}:")
     for op, name, kind, status in rows:
         print(f"{op.ljust(widths[0])}  {name.ljust(widths[1])}  {kind.ljust(widths[2])}  {status}")
     return 0

@@ -18,6 +18,13 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def default_results_dir() -> str:
+    """Where `fastfuse bench` writes unless told: the user's cache, never the current directory
+    (a run inside a checkout would otherwise litter its committed bench/results/)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastfuse", "bench")
+
+
 def _torch_dtype(name: str):
     import torch
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
@@ -128,7 +135,11 @@ def cmd_flops(args) -> int:
     except (ValueError, TypeError, ImportError, AttributeError, json.JSONDecodeError) as exc:
         print(f"fastfuse flops: {exc}", file=sys.stderr)
         return 2
-    result = flops.count_flops(model, inputs, args.convention, module_depth=args.depth)
+    try:
+        result = flops.count_flops(model, inputs, args.convention, module_depth=args.depth)
+    except (RuntimeError, ValueError, TypeError) as exc:  # the model refused these inputs: say so, no traceback
+        print(f"fastfuse flops: {args.model} failed on inputs {args.input}: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"model": args.model, "inputs": args.input, **vars(result)}, indent=1, default=str))
     else:
@@ -153,7 +164,9 @@ def cmd_profile(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastfuse import __version__
     parser = argparse.ArgumentParser(prog="fastfuse", description="fastfuse tools: fused kernels for HSI-MSI fusion")
+    parser.add_argument("--version", action="version", version=f"fastfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="versions, device, and which op runs on which backend (and why not)")
@@ -177,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes (a CPU smoke run)")
     p.add_argument("--dtype", type=_csv_list, help=f"comma-separated among {DTYPE_CHOICES} (default fp32)")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both")
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="results folder (default bench/results)")
+    p.add_argument("--out", default=default_results_dir(),
+                   help=f"results folder (default {default_results_dir()}; a checkout's bench/results/ is for "
+                        "committed runs, name it explicitly)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--providers", type=_csv_list, help="comma-separated provider names (default: all)")
     p.add_argument("--no-plots", action="store_true")
