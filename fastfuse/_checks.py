@@ -82,6 +82,15 @@ def check_positive(fn: str, name: str, value, *, integer: bool = False, odd: boo
         raise ValueError(f"fastfuse.{fn}: {name} must be odd, got {value!r}")
 
 
+def check_eps(fn: str, eps) -> None:
+    """A threshold such as SAM's eps: a finite number ≥ 0 (a negative or NaN one would silently
+    change which pixels count as undirected)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"fastfuse.{fn}: eps must be a number, got {type(eps).__name__}")
+    if not (eps >= 0 and eps != float("inf")):
+        raise ValueError(f"fastfuse.{fn}: eps must be finite and ≥ 0, got {eps!r}")
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for half types; float64 stays float64 (the gradcheck path)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

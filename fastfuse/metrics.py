@@ -117,9 +117,8 @@ def sam(pred: torch.Tensor, target: torch.Tensor, *, degrees: bool = True, eps: 
         return p.new_empty(0)
     from fastfuse.ops.sam import sam_map
     angle = sam_map(p, t, degrees=degrees, eps=eps, backend=backend).to(p.dtype)
-    floor = eps * eps
-    # Written as "not below the floor" so that a NaN pixel stays in the mean and shows up.
-    valid = ~(p.square().sum(dim=1) <= floor) & ~(t.square().sum(dim=1) <= floor)
+    from fastfuse.reference.sam import directed
+    valid = directed(p, eps) & directed(t, eps)   # a NaN pixel stays in the mean and shows up
     total = torch.where(valid, angle, torch.zeros_like(angle)).sum(dim=(1, 2))
     return total / valid.sum(dim=(1, 2)).to(p.dtype)
 

@@ -256,3 +256,62 @@ def test_gpu_real_shapes(shape, dtype, backend):
     assert_close(out, ref, dtype, atol_scale=10, name="angle")
     assert_close(gx, gx_ref, dtype, rtol_scale=5, atol_scale=10, name="dx")
     assert_close(gy, gy_ref, dtype, rtol_scale=5, atol_scale=10, name="dy")
+
+
+# --------------------------------------------------------------------------- reported repros
+
+ALL_SAM_BACKENDS = [("cpu", "torch")] + backend_params("sam_map")
+
+
+@pytest.mark.parametrize("device,backend", ALL_SAM_BACKENDS)
+@pytest.mark.parametrize("channels", [5, 300])   # one register tile and the multi-pass path
+@pytest.mark.parametrize("scale", [1e20, 1e-15, 3e38])
+def test_angle_is_scale_invariant(device, backend, channels, scale):
+    torch.manual_seed(0)
+    x, y = torch.rand(2, channels, 3, 4), torch.rand(2, channels, 3, 4)
+    expected = fastfuse.sam_map(x.double(), y.double(), backend="torch")
+    eps = 0.0 if scale < 1 else 1e-8   # 1e-15-sized spectra are below the default eps: no angle
+    got = fastfuse.sam_map((x * scale).to(device), (y * scale).to(device), eps=eps, backend=backend)
+    assert torch.isfinite(got).all()
+    assert_close(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", ALL_SAM_BACKENDS)
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 0.5])
+def test_zero_spectrum_gradient_is_finite_for_every_eps(device, backend, eps):
+    x = torch.rand(1, 6, 2, 3, device=device)
+    x[0, :, 0, 0] = 0
+    x.requires_grad_(True)
+    y = torch.rand(1, 6, 2, 3, device=device, requires_grad=True)
+    angle = fastfuse.sam_map(x, y, eps=eps, backend=backend)
+    assert angle[0, 0, 0].item() == pytest.approx(90.0)
+    angle.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    loss = fastfuse.nn.SAMLoss(eps=eps, backend=backend)(x, y)
+    x.grad = None
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
+def test_eps_is_validated(eps):
+    x = torch.rand(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="eps must be finite and ≥ 0"):
+        fastfuse.sam_map(x, x, eps=eps)
+
+
+@pytest.mark.parametrize("device,backend", ALL_SAM_BACKENDS)
+def test_nan_and_inf_give_nan_on_every_backend(device, backend):
+    x, y = torch.rand(1, 4, 2, 2, device=device), torch.rand(1, 4, 2, 2, device=device)
+    x[0, 1, 0, 0] = float("nan")
+    x[0, 2, 1, 1] = float("inf")
+    got = fastfuse.sam_map(x, y, backend=backend)
+    assert got[0, 0, 0].isnan() and got[0, 1, 1].isnan() and torch.isfinite(got[0, 0, 1])
+
+
+def test_metric_sam_is_scale_invariant():
+    torch.manual_seed(1)
+    gt = torch.rand(1, 31, 8, 8)
+    pred = (gt + 0.05 * torch.rand_like(gt))
+    assert fastfuse.metrics.sam(pred * 1e20, gt * 1e20).item() == pytest.approx(fastfuse.metrics.sam(pred, gt).item(),
+                                                                                 rel=1e-4)

@@ -113,10 +113,9 @@ class SAMLoss(nn.Module):
         from fastfuse.ops.sam import sam_map
         dtype = compute_dtype(pred.dtype)
         angle = sam_map(pred, target, degrees=self.degrees, eps=self.eps, backend=self.backend).to(dtype)
-        with torch.no_grad():
-            floor = self.eps * self.eps
-            valid = ~(pred.to(dtype).square().sum(dim=1) <= floor) & ~(target.to(dtype).square().sum(dim=1) <= floor)
-            count = valid.sum(dim=(1, 2)).clamp_min(1).to(dtype)
+        from fastfuse.reference.sam import directed
+        valid = directed(pred, self.eps) & directed(target, self.eps)
+        count = valid.sum(dim=(1, 2)).clamp_min(1).to(dtype)
         per_image = torch.where(valid, angle, torch.zeros_like(angle)).sum(dim=(1, 2)) / count
         return _reduce(per_image, self.reduction)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastfuse import backends
-from fastfuse._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
+from fastfuse._checks import check_eps, check_same_device, check_same_dtype, check_same_shape, check_tensor
 from fastfuse.ops._define import define_op
 
 OP = "sam_map"
@@ -26,8 +26,11 @@ def sam_map(x: torch.Tensor, y: torch.Tensor, *, degrees: bool = True, eps: floa
             backend: str = "auto") -> torch.Tensor:
     """Spectral angle between x[b, :, h, w] and y[b, :, h, w]: (B, C, H, W) × 2 → (B, H, W).
 
-    Degrees by default. A spectrum with norm ≤ eps gives a right angle (never NaN); gradients
-    are finite everywhere, zero at identical, opposite and zero spectra.
+    Degrees by default. Scale invariant over the whole floating range (each spectrum is divided
+    by its largest magnitude before any square is formed). A spectrum with norm ≤ eps gives a
+    right angle (never NaN); eps must be finite and ≥ 0, and for every such eps the gradients are
+    finite everywhere, zero at identical, opposite and zero spectra. NaN or ±inf in a spectrum
+    gives NaN at that pixel on every backend.
     """
     check_tensor(OP, "x", x, ndim=4)
     check_tensor(OP, "y", y, ndim=4)
@@ -36,4 +39,5 @@ def sam_map(x: torch.Tensor, y: torch.Tensor, *, degrees: bool = True, eps: floa
     check_same_device(OP, x=x, y=y)
     if x.shape[1] == 0:
         raise ValueError(f"fastfuse.{OP}: x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
+    check_eps(OP, eps)
     return _sam_map.forward_op(x, y, bool(degrees), float(eps), backend)

@@ -71,14 +71,35 @@ def _load_tile(pixel_ptrs, c, s_c, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _inverse_norms(sxx, syy, EPS: tl.constexpr, ACC: tl.constexpr):
-    # Clamp the squared norm (as the reference) with NaN passing through, like torch.clamp_min.
+def _peak_scale(peak):
+    # 1/max|x| per spectrum (1 for a zero one): the angle is scale invariant, and squaring raw
+    # values would overflow fp32 above ~1e19. A NaN peak compares false and gives 1, leaving the
+    # NaN in the sums, so it propagates to the angle as in the reference.
+    return tl.where(peak > 0, 1.0 / peak, 1.0)
+
+
+@triton.jit
+def _inverse_norms(sxx, syy, px, py, EPS: tl.constexpr, ACC: tl.constexpr):
+    # sxx, syy: squared norms of the peak-scaled spectra (>= 1 unless zero); px, py: the peaks.
+    # Returns 1/|x|, 1/|y| as scale/|scaled| (no overflow) and the mask of directed spectra.
     eps = tl.full([], EPS, ACC)
-    eps2 = tl.full([], EPS * EPS, ACC)
-    nx = tl.sqrt(tl.where(sxx < eps2, eps2, sxx))
-    ny = tl.sqrt(tl.where(syy < eps2, eps2, syy))
-    valid = ~((nx <= eps) | (ny <= eps))
-    return 1.0 / nx, 1.0 / ny, valid
+    tiny = _smallest_normal(ACC)
+    nx = tl.sqrt(tl.where(sxx < tiny, tiny, sxx))
+    ny = tl.sqrt(tl.where(syy < tiny, tiny, syy))
+    valid = ~((px * nx <= eps) | (py * ny <= eps))
+    sx = _peak_scale(px)
+    sy = _peak_scale(py)
+    return tl.where(valid, sx / nx, sx), tl.where(valid, sy / ny, sy), valid
+
+
+@triton.jit
+def _tile_inverse_norms(xv, yv, EPS: tl.constexpr, ACC: tl.constexpr):
+    # The one-tile path: peaks and scaled norms from the registers.
+    px = tl.max(tl.abs(xv), 0)
+    py = tl.max(tl.abs(yv), 0)
+    xs = xv * _peak_scale(px)[None, :]
+    ys = yv * _peak_scale(py)[None, :]
+    return _inverse_norms(tl.sum(xs * xs, 0), tl.sum(ys * ys, 0), px, py, EPS, ACC)
 
 
 @triton.jit
@@ -97,16 +118,25 @@ def _distances(xv, yv, rx, ry):
 def _geometry(x_pix, y_pix, p_ok, C, sxc, syc, EPS: tl.constexpr, ACC: tl.constexpr,
               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # The multi-pass path for C > one tile: norms first, then distances, re-reading each block.
+    px = tl.zeros([BLOCK_P], ACC)
+    py = tl.zeros([BLOCK_P], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c[:, None] < C) & p_ok[None, :]
+        px = tl.maximum(px, tl.max(tl.abs(_load_tile(x_pix, c, sxc, mask, ACC)), 0))
+        py = tl.maximum(py, tl.max(tl.abs(_load_tile(y_pix, c, syc, mask, ACC)), 0))
+    sx = _peak_scale(px)
+    sy = _peak_scale(py)
     sxx = tl.zeros([BLOCK_P], ACC)
     syy = tl.zeros([BLOCK_P], ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mask = (c[:, None] < C) & p_ok[None, :]
-        xv = _load_tile(x_pix, c, sxc, mask, ACC)
-        yv = _load_tile(y_pix, c, syc, mask, ACC)
+        xv = _load_tile(x_pix, c, sxc, mask, ACC) * sx[None, :]
+        yv = _load_tile(y_pix, c, syc, mask, ACC) * sy[None, :]
         sxx += tl.sum(xv * xv, 0)
         syy += tl.sum(yv * yv, 0)
-    rx, ry, valid = _inverse_norms(sxx, syy, EPS, ACC)
+    rx, ry, valid = _inverse_norms(sxx, syy, px, py, EPS, ACC)
     d2 = tl.zeros([BLOCK_P], ACC)
     s2 = tl.zeros([BLOCK_P], ACC)
     xa = tl.zeros([BLOCK_P], ACC)
@@ -164,7 +194,7 @@ def _sam_forward_kernel(x_ptr, y_ptr, out_ptr, C, P, W, n_pblocks,
         mask = (c[:, None] < C) & p_ok[None, :]
         xv = _load_tile(x_pix, c, sxc, mask, ACC)
         yv = _load_tile(y_pix, c, syc, mask, ACC)
-        rx, ry, valid = _inverse_norms(tl.sum(xv * xv, 0), tl.sum(yv * yv, 0), EPS, ACC)
+        rx, ry, valid = _tile_inverse_norms(xv, yv, EPS, ACC)
         d2, s2, _, _, _, _ = _distances(xv, yv, rx, ry)
     else:
         rx, ry, valid, d2, s2, _, _, _, _ = _geometry(x_pix, y_pix, p_ok, C, sxc, syc, EPS, ACC,
@@ -224,7 +254,7 @@ def _sam_backward_kernel(grad_ptr, x_ptr, y_ptr, gx_ptr, gy_ptr, C, P, W, n_pblo
         mask = (c[:, None] < C) & p_ok[None, :]
         xv = _load_tile(x_pix, c, sxc, mask, ACC)
         yv = _load_tile(y_pix, c, syc, mask, ACC)
-        rx, ry, valid = _inverse_norms(tl.sum(xv * xv, 0), tl.sum(yv * yv, 0), EPS, ACC)
+        rx, ry, valid = _tile_inverse_norms(xv, yv, EPS, ACC)
         d2, s2, xa, xb, ya, yb = _distances(xv, yv, rx, ry)
         two_gd2, two_gs2, radial_x, radial_y = _gradient_coefficients(grad, valid, d2, s2, xa, xb, ya, yb,
                                                                       DEGREES, ACC)
