@@ -9,9 +9,12 @@ the chunk (the log of the decay since the chunk start),
 
     x_t = exp(S_t) ⊙ x_start + Σ_{s ≤ t} exp(S_t − S_s) ⊙ delta_s B_s u_s.
 
-Only differences S_t − S_s with s ≤ t are exponentiated: for A < 0 they are ≤ 0, so nothing
-overflows however long the decay runs (the factored form exp(S_t)·Σ exp(−S_s)… would). The
-upper triangle is set to −inf *before* exp, so it is exactly 0 and its gradient is 0, not NaN.
+Only segment sums S_t − S_s with s ≤ t are exponentiated: for A < 0 they are ≤ 0, so nothing
+overflows however long the decay runs (the factored form exp(S_t)·Σ exp(−S_s)… would). Each
+segment sum is accumulated directly, Σ_{s<r≤t} delta_r·A, never as a difference of two running
+sums: the difference cancels catastrophically once |S| is large (large delta, strong decay) and
+gives −inf − (−inf) = NaN once a step's decay is −inf (A = −1e38, A_logs = 89). The upper
+triangle is set to −inf *before* exp, so it is exactly 0 and its gradient is 0, not NaN.
 The state is carried from chunk to chunk. Everything is differentiable by autograd.
 """
 from __future__ import annotations
@@ -118,15 +121,27 @@ def _chunk_length(rows: int, save_every: Optional[int]) -> int:
     return chunk
 
 
+def _segment_sums(x: torch.Tensor) -> torch.Tensor:
+    """x (..., T, N) → (..., T, T, N): [t, s] = Σ_{s<r≤t} x_r for t ≥ s, −inf for t < s.
+
+    Summed directly (a cumsum over t of x_t masked to r > s), so each entry is as accurate as a
+    sum of its own terms and a −inf term only reaches the segments that contain it."""
+    steps = x.shape[-2]
+    ones = torch.ones(steps, steps, dtype=torch.bool, device=x.device)
+    after_start = ones.tril(-1)[:, :, None]   # r > s
+    causal = ones.tril()[:, :, None]          # t ≥ s
+    rows = x[..., :, None, :].expand(*x.shape[:-1], steps, x.shape[-1])   # [t, s] = x_t
+    sums = torch.cumsum(torch.where(after_start, rows, torch.zeros((), dtype=x.dtype, device=x.device)), dim=-3)
+    return torch.where(causal, sums, torch.full((), float("-inf"), dtype=x.dtype, device=x.device))
+
+
 def _scan_chunk(dt, u, A, Bt, Ct, state):
     """One chunk in closed form. dt, u: (b, G, d, T); A: (G, d, N); Bt, Ct: (b, G, T, N);
     state: (b, G, d, N). Returns y (b, G, d, T) and the state after the chunk."""
-    steps = dt.shape[-1]
-    log_decay = torch.cumsum(dt[..., None] * A[None, :, :, None, :], dim=-2)  # S_t: (b, G, d, T, N)
+    step_decay = dt[..., None] * A[None, :, :, None, :]   # delta_t·A: (b, G, d, T, N)
+    log_decay = torch.cumsum(step_decay, dim=-2)          # S_t from the chunk start: (b, G, d, T, N)
     inputs = (dt * u)[..., None] * Bt[:, :, None]  # delta_s·B_s·u_s: (b, G, d, T, N)
-    causal = torch.ones(steps, steps, dtype=torch.bool, device=dt.device).tril()[:, :, None]
-    segment = log_decay[..., :, None, :] - log_decay[..., None, :, :]  # S_t − S_s: (b, G, d, T, T, N)
-    decay = torch.exp(torch.where(causal, segment, float("-inf")))
+    decay = torch.exp(_segment_sums(step_decay))   # exp(S_t − S_s): (b, G, d, T, T, N)
     states = torch.einsum("bgdtsn,bgdsn->bgdtn", decay, inputs) + torch.exp(log_decay) * state[..., None, :]
     y = torch.einsum("bgdtn,bgtn->bgdt", states, Ct)
     return y, states[..., -1, :]
