@@ -200,3 +200,38 @@ def test_bad_arguments():
     module = SS2D(d_model=8, d_state=2, backend="torch")
     with pytest.raises(ValueError, match=r"\(B, H, W, d_model\) with d_model=8"):
         module(torch.randn(1, 8, 3, 3))
+
+
+# --------------------------------------------------------------------------- reported repros
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(d_conv=4), "d_conv must be odd"),
+    (dict(d_state=300), "d_state must be at most 256"),
+    (dict(d_model=8.5), "d_model must be a positive int"),
+    (dict(dt_min=0), "dt_min must be a finite positive number"),
+    (dict(dt_min=0.5, dt_max=0.1), "dt_min must not exceed dt_max"),
+    (dict(act_layer=None), "act_layer must be an nn.Module class"),
+    (dict(dt_rank="bogus"), "dt_rank must be 'auto' or a positive int"),
+])
+def test_constructor_refuses_bad_configuration(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastfuse.nn.SS2D(**{"d_model": 8, **kwargs})
+
+
+def test_deepcopy_keeps_no_weight_decay_marks():
+    import copy
+    block = copy.deepcopy(fastfuse.nn.SS2D(d_model=8, d_state=2))
+    assert block.A_logs._no_weight_decay and block.Ds._no_weight_decay
+    assert block.no_weight_decay() == {"A_logs", "Ds"}
+
+
+def test_forward_refuses_empty_image_and_mismatched_dtype():
+    block = fastfuse.nn.SS2D(d_model=8, d_state=2)
+    with pytest.raises(ValueError, match="at least 1×1"):
+        block(torch.randn(1, 0, 4, 8))
+    with pytest.raises(TypeError, match="the input is torch.float16 but the module's parameters are torch.float32"):
+        block(torch.randn(1, 4, 4, 8, dtype=torch.float16))
+
+
+def test_nn_lists_its_modules():
+    assert {"SS2D", "SSIMLoss", "SAMLoss", "L1SSIMLoss"} <= set(dir(fastfuse.nn))

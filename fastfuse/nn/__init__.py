@@ -12,6 +12,10 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
+def __dir__() -> list[str]:  # the lazily imported modules show in dir() and tab completion
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)

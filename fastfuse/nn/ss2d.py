@@ -22,6 +22,7 @@ every forward type works in both layouts.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Union
 
@@ -58,6 +59,36 @@ class _PointwiseLinear(nn.Linear):
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _check_config(d_model, d_state, ssm_ratio, dt_rank, act_layer, d_conv, dt_min, dt_max, dt_init_floor) -> None:
+    def positive_int(name, value, limit=None):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"fastfuse.nn.SS2D: {name} must be a positive int, got {value!r}")
+        if limit is not None and value > limit:
+            raise ValueError(f"fastfuse.nn.SS2D: {name} must be at most {limit} (the scan keeps N ≤ {limit} states), "
+                             f"got {value}")
+
+    positive_int("d_model", d_model)
+    positive_int("d_state", d_state, limit=256)
+    if dt_rank != "auto":
+        if isinstance(dt_rank, str):
+            raise ValueError(f"fastfuse.nn.SS2D: dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+        positive_int("dt_rank", dt_rank)
+    if isinstance(d_conv, bool) or not isinstance(d_conv, int) or d_conv < 0:
+        raise ValueError(f"fastfuse.nn.SS2D: d_conv must be a non-negative int (≤ 1 for no conv), got {d_conv!r}")
+    if d_conv > 1 and d_conv % 2 == 0:
+        raise ValueError(f"fastfuse.nn.SS2D: d_conv must be odd (an even depthwise kernel with 'same' padding "
+                         f"(k − 1)//2 shrinks the image by one pixel), got {d_conv}")
+    if not (isinstance(ssm_ratio, (int, float)) and not isinstance(ssm_ratio, bool) and ssm_ratio > 0):
+        raise ValueError(f"fastfuse.nn.SS2D: ssm_ratio must be a positive number, got {ssm_ratio!r}")
+    if not callable(act_layer):
+        raise TypeError(f"fastfuse.nn.SS2D: act_layer must be an nn.Module class (e.g. nn.SiLU), got {act_layer!r}")
+    for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+            raise ValueError(f"fastfuse.nn.SS2D: {name} must be a finite positive number, got {value!r}")
+    if dt_min > dt_max:
+        raise ValueError(f"fastfuse.nn.SS2D: dt_min must not exceed dt_max, got {dt_min} > {dt_max}")
+
+
 class SS2D(nn.Module):
     """VMamba's SS2D: in_proj, depthwise conv, act, cross selective scan, LayerNorm, z gate, out_proj.
 
@@ -79,6 +110,7 @@ class SS2D(nn.Module):
                              f"got {forward_type!r}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"fastfuse.nn.SS2D: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        _check_config(d_model, d_state, ssm_ratio, dt_rank, act_layer, d_conv, dt_min, dt_max, dt_init_floor)
         factory = {"device": device, "dtype": dtype}
         self.d_model = int(d_model)
         self.d_state = int(d_state)
@@ -111,12 +143,29 @@ class SS2D(nn.Module):
         a_logs = torch.log(torch.arange(1, N + 1, dtype=torch.float32, device=device)).repeat(K_DIRECTIONS * D, 1)
         self.A_logs = nn.Parameter(a_logs)
         self.Ds = nn.Parameter(torch.ones(K_DIRECTIONS * D, device=device))
-        self.A_logs._no_weight_decay = True
-        self.Ds._no_weight_decay = True
+        self._mark_no_weight_decay()
 
         self.out_norm = nn.LayerNorm(D, **factory)
         self.out_proj = _PointwiseLinear(D, self.d_model, bias, self.channel_first, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
+
+    def _mark_no_weight_decay(self) -> None:
+        # VMamba's optimizer builders look for this attribute on the parameter itself.
+        for name in self.no_weight_decay():
+            getattr(self, name)._no_weight_decay = True
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters to exclude from weight decay (the timm/VMamba convention)."""
+        return {"A_logs", "Ds"}
+
+    def __deepcopy__(self, memo):
+        # Parameter.__deepcopy__ keeps only data and requires_grad: mark the copies again.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new._mark_no_weight_decay()
+        return new
 
     @torch.no_grad()
     def _init_dt(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
@@ -136,6 +185,14 @@ class SS2D(nn.Module):
             want = "(B, d_model, H, W)" if self.channel_first else "(B, H, W, d_model)"
             raise ValueError(f"fastfuse.nn.SS2D: input must be {want} with d_model={self.d_model}, "
                              f"got shape {tuple(x.shape)}")
+        height, width = (x.shape[2], x.shape[3]) if self.channel_first else (x.shape[1], x.shape[2])
+        if height == 0 or width == 0:
+            raise ValueError(f"fastfuse.nn.SS2D: the image must be at least 1×1, got {height}×{width} "
+                             f"(input shape {tuple(x.shape)})")
+        if x.dtype != self.in_proj.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"fastfuse.nn.SS2D: the input is {x.dtype} but the module's parameters are "
+                            f"{self.in_proj.weight.dtype}; convert one (module.to({x.dtype}) or x.to("
+                            f"{self.in_proj.weight.dtype})) or run under torch.autocast")
         channel_dim = 1 if self.channel_first else 3
         x = self.in_proj(x)
         z = None
