@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastfuse
 from fastfuse.nn.ss2d import SS2D
 from testing_utils import backend_params
 
