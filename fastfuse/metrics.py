@@ -4,8 +4,9 @@ Papers that report the "same" metric often compute different things (per-band or
 ERGAS with 100·ratio or 100/ratio, SAM with or without zero pixels, UIQI with 8 or 32 pixel
 windows), so every function here states exactly which convention it follows.
 
-Every metric is `metric(pred, target, ...)` on (B, C, H, W) tensors (any device, fp16/bf16/
-fp32/fp64) and returns a (B,) tensor, one value per image: fp32 for fp16/bf16/fp32 inputs, fp64
+Every metric is `metric(pred, target, ...)` on (B, C, H, W) tensors, or one (C, H, W) cube as
+the readers return it (a batch of one), on any device, fp16/bf16/fp32/fp64, and returns a (B,)
+tensor, one value per image: fp32 for fp16/bf16/fp32 inputs, fp64
 for fp64 inputs (statistics are accumulated in that dtype). `target` is the reference (ground
 truth): ERGAS and RASE normalise by its means, so they are not symmetric in (pred, target).
 Everything is batched tensor code: no Python loop over bands or pixels, and no value is read
@@ -29,10 +30,13 @@ SSIM_PADDINGS = ("valid", "zero", "reflect")
 
 
 def _prepare(fn: str, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a (pred, target) pair and return both in the accumulation dtype."""
+    """Validate a (pred, target) pair and return both in the accumulation dtype, batched: a single
+    (C, H, W) cube, as the readers return it, is taken as a batch of one."""
     name = f"metrics.{fn}"
-    check_tensor(name, "pred", pred, ndim=4)
-    check_tensor(name, "target", target, ndim=4)
+    check_tensor(name, "pred", pred, ndim=(3, 4))
+    check_tensor(name, "target", target, ndim=(3, 4))
+    if pred.dim() == 3 and target.dim() == 3:
+        pred, target = pred.unsqueeze(0), target.unsqueeze(0)
     check_same_shape(name, pred=pred, target=target)
     check_same_dtype(name, pred=pred, target=target)
     check_same_device(name, pred=pred, target=target)
@@ -51,9 +55,27 @@ def _check_number(fn: str, name: str, value) -> None:
     check_positive(f"metrics.{fn}", name, value)
 
 
+def _scaled_band_mse(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, m), both (B, C), with the MSE of band k = scale_k² · m_k.
+
+    Errors are divided by their largest magnitude before squaring, so an MSE beyond the dtype's
+    range (errors above ~1e19 in fp32) still gives finite logarithms, roots and ratios."""
+    d = p - t
+    peak = d.abs().amax(dim=(2, 3))
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))   # NaN stays NaN
+    return scale, (d / scale[..., None, None]).square().mean(dim=(2, 3))
+
+
 def _band_mse(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """(B, C) mean squared error of every band."""
-    return (p - t).square().mean(dim=(2, 3))
+    """(B, C) mean squared error of every band (inf where it exceeds the dtype's range)."""
+    scale, m = _scaled_band_mse(p, t)
+    return scale.square() * m
+
+
+def _global_rms(scale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(B,) sqrt(mean_k MSE_k) from the scaled per-band form, without overflow."""
+    top = scale.amax(dim=1, keepdim=True)
+    return top.squeeze(1) * ((scale / top).square() * m).mean(dim=1).sqrt()
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0,
@@ -68,9 +90,11 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0,
     p, t = _prepare("psnr", pred, target)
     _check_number("psnr", "data_range", data_range)
     check_choice("metrics.psnr", "mode", mode, PSNR_MODES)
-    mse = _band_mse(p, t) if mode == "band" else (p - t).square().mean(dim=(1, 2, 3))
-    value = 20.0 * math.log10(data_range) - 10.0 * torch.log10(mse)
-    return value.mean(dim=1) if mode == "band" else value
+    scale, m = _scaled_band_mse(p, t)
+    if mode == "band":
+        value = 20.0 * math.log10(data_range) - 20.0 * torch.log10(scale) - 10.0 * torch.log10(m)
+        return value.mean(dim=1)
+    return 20.0 * math.log10(data_range) - 20.0 * torch.log10(_global_rms(scale, m))
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
@@ -84,6 +108,11 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, window_size: int = 11, sig
     sigma=1.5, use_sample_covariance=False, and pytorch-msssim; "reflect" matches kornia and
     torchmetrics ≥ 1.4.2, "zero" fused-ssim's "same". Every band has the same number of windows,
     so the mean of the band means is the mean of the whole map.
+
+    Range: the SSIM formula multiplies two squared moments (a fourth power of the data), so fp32
+    inputs and data_range must stay below ~1e9 in magnitude (beyond, the products overflow and
+    the map is NaN). SSIM is unchanged when x, y and
+    data_range are scaled together: rescale such data, or pass float64.
     """
     p, t = _prepare("ssim", pred, target)
     _check_number("ssim", "data_range", data_range)
@@ -133,16 +162,15 @@ def ergas(pred: torch.Tensor, target: torch.Tensor, ratio: float) -> torch.Tenso
     """
     p, t = _prepare("ergas", pred, target)
     _check_number("ergas", "ratio", ratio)
-    mse = _band_mse(p, t)
-    mean_sq = t.mean(dim=(2, 3)).square()
-    relative = torch.where(mse == 0, torch.zeros_like(mse), mse / mean_sq)
+    scale, m = _scaled_band_mse(p, t)
+    relative = torch.where(m == 0, torch.zeros_like(m), (scale / t.mean(dim=(2, 3))).square() * m)
     return (100.0 / ratio) * relative.mean(dim=1).sqrt()
 
 
 def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Global root-mean-square error over all bands and pixels, in the data's units."""
     p, t = _prepare("rmse", pred, target)
-    return (p - t).square().mean(dim=(1, 2, 3)).sqrt()
+    return _global_rms(*_scaled_band_mse(p, t))
 
 
 def rase(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -152,7 +180,7 @@ def rase(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     the sliding-window variant of sewar/torchmetrics is a different, ~64× larger number.
     """
     p, t = _prepare("rase", pred, target)
-    return 100.0 * _band_mse(p, t).mean(dim=1).sqrt() / t.mean(dim=(1, 2, 3))
+    return 100.0 * _global_rms(*_scaled_band_mse(p, t)) / t.mean(dim=(1, 2, 3))
 
 
 def _box_mean(z: torch.Tensor, block: int) -> torch.Tensor:
@@ -178,10 +206,14 @@ def uiqi(pred: torch.Tensor, target: torch.Tensor, *, block: int = 8) -> torch.T
     is that of Wang & Bovik's reference code (img_qi.m): two constant windows give the luminance
     term 2·μx·μy / (μx² + μy²) (so 1 when they are equal), and 1 when that is also 0/0 (two zero
     windows). Window constancy is tested exactly (max == min), since a rounded variance of a
-    constant window is not exactly 0; the variances are accumulated on band-centred data to limit
-    cancellation.
+    constant window is not exactly 0. The window statistics are accumulated in float64 whatever
+    the input dtype (the result is returned in the usual dtype): in fp32, E[y²] − E[y]² of a
+    window whose variance is ~1e-9 next to a constant reference rounds to 0 and flips Q from 0
+    to 1, as HySure's double-precision img_qi.m never does.
     """
     p, t = _prepare("uiqi", pred, target)
+    out_dtype = p.dtype
+    p, t = p.double(), t.double()
     check_positive("metrics.uiqi", "block", block, integer=True)
     if min(p.shape[2], p.shape[3]) < block:
         raise ValueError(f"fastfuse.metrics.uiqi: images must be at least block={block} pixels high and "
@@ -211,7 +243,7 @@ def uiqi(pred: torch.Tensor, target: torch.Tensor, *, block: int = 8) -> torch.T
     q = torch.where(den != 0, 4.0 * cov * mu_x * mu_y / torch.where(den != 0, den, one), one)
     both_constant = const_x & const_y & (luminance_den != 0)
     q = torch.where(both_constant, 2.0 * mu_x * mu_y / torch.where(both_constant, luminance_den, one), q)
-    return q.mean(dim=(1, 2, 3))
+    return q.mean(dim=(1, 2, 3)).to(out_dtype)
 
 
 def evaluate(pred: torch.Tensor, target: torch.Tensor, ratio: float, data_range: float = 1.0, *,
@@ -220,7 +252,9 @@ def evaluate(pred: torch.Tensor, target: torch.Tensor, ratio: float, data_range:
 
     Keys: psnr (per-band mean), ssim, sam (degrees), ergas (at `ratio`), rmse, rase, uiqi
     (block `uiqi_block`). `data_range` is the peak of PSNR and the SSIM constants' scale.
+    A single (C, H, W) cube is a batch of one.
     """
+    _prepare("evaluate", pred, target)   # errors name evaluate, not the first metric it calls
     return {
         "psnr": psnr(pred, target, data_range=data_range),
         "ssim": ssim(pred, target, data_range=data_range, padding=ssim_padding, backend=backend),

@@ -244,7 +244,7 @@ def test_empty_batch_gives_empty_result():
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda p, t: metrics.psnr(p, t[:, :2]), ValueError, "same shape"),
-    (lambda p, t: metrics.psnr(p[0], t[0]), ValueError, "pred must be 4-D"),
+    (lambda p, t: metrics.psnr(p[0, 0], t[0, 0]), ValueError, "pred must be 3-D or 4-D"),
     (lambda p, t: metrics.rmse(p, t.float()), TypeError, "same dtype"),
     (lambda p, t: metrics.rmse((p * 255).to(torch.uint8), (t * 255).to(torch.uint8)), TypeError, "dtype"),
     (lambda p, t: metrics.psnr(p, t, mode="mean"), ValueError, "mode must be one of"),
@@ -312,3 +312,48 @@ def test_cuda_matches_cpu_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     for name, value in gpu.items():
         torch.testing.assert_close(value.cpu(), cpu[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------- reported repros
+
+def test_error_metrics_stay_finite_beyond_fp32_squares():
+    torch.manual_seed(0)
+    gt = torch.rand(1, 5, 16, 16)
+    pred = gt + 0.01 * torch.randn_like(gt)
+    small = metrics.evaluate(pred.double(), gt.double(), 4)
+    big = metrics.evaluate(pred * 1e20, gt * 1e20, 4)
+    for key in ("ergas", "rase", "sam", "uiqi"):
+        assert big[key].item() == pytest.approx(small[key].item(), rel=1e-4), key
+    assert big["rmse"].item() == pytest.approx(small["rmse"].item() * 1e20, rel=1e-4)
+    assert big["psnr"].item() == pytest.approx(small["psnr"].item() - 400.0, rel=1e-5)  # peak still 1.0
+    assert torch.isfinite(metrics.psnr(pred * 1e20, gt * 1e20, mode="global")).all()
+
+
+def test_ssim_range_is_documented_and_holds():
+    torch.manual_seed(1)
+    x, y = torch.rand(1, 2, 16, 16), torch.rand(1, 2, 16, 16)
+    scaled = metrics.ssim(x * 1e8, y * 1e8, data_range=1e8)
+    assert torch.isfinite(scaled).all()
+    assert scaled.item() == pytest.approx(metrics.ssim(x, y).item(), rel=1e-3)
+    assert "1e9" in metrics.ssim.__doc__
+
+
+def test_uiqi_fp32_matches_float64_next_to_a_constant_reference():
+    gt = torch.full((1, 1, 16, 32), .0157, dtype=torch.float64)
+    gt[..., 16:] = .6
+    torch.manual_seed(0)
+    pred = gt.clone()
+    pred[..., :16] += 3e-5 * torch.randn(1, 1, 16, 16, dtype=torch.float64)
+    exact = metrics.uiqi(pred, gt, block=8).item()
+    assert exact == pytest.approx(0.64, abs=1e-6)
+    assert metrics.uiqi(pred.float(), gt.float(), block=8).item() == pytest.approx(exact, abs=1e-6)
+
+
+def test_metrics_take_a_single_cube_and_errors_name_evaluate():
+    gt = torch.rand(4, 8, 8)
+    pred = gt.clamp(0.1, 0.9)
+    one = metrics.evaluate(pred, gt, 4)
+    batched = metrics.evaluate(pred[None], gt[None], 4)
+    assert all(one[k].shape == (1,) and torch.equal(one[k], batched[k]) for k in one)
+    with pytest.raises(ValueError, match="metrics.evaluate"):
+        metrics.evaluate(pred[None], gt, 4)
