@@ -350,7 +350,7 @@ def test_uiqi_fp32_matches_float64_next_to_a_constant_reference():
 
 
 def test_metrics_take_a_single_cube_and_errors_name_evaluate():
-    gt = torch.rand(4, 8, 8)
+    gt = torch.rand(4, 12, 12)
     pred = gt.clamp(0.1, 0.9)
     one = metrics.evaluate(pred, gt, 4)
     batched = metrics.evaluate(pred[None], gt[None], 4)
