@@ -1,4 +1,4 @@
-"""The `fastfuse` command: info | check | bench | flops | profile.
+"""The `fastfuse` command: info | check | bench | flops | profile | train | eval | demo.
 
 Each subcommand imports only what it needs, and every op family is imported inside try/except
 (fastfuse.info.import_families), so one broken family is reported, never a crash of the tool.
@@ -66,7 +66,13 @@ def cmd_check(args) -> int:
 
     results = check.run_checks(device, quick=args.quick, ops=args.ops or None, backend_names=args.backend or None,
                                dtypes=dtypes, progress=progress)
-    print(check.format_table(results, show_skipped=not args.failures_only))
+    print(check.format_table(results, show_skipped=not args.failures_only, failures_only=args.failures_only))
+    checked = sorted({r.backend for r in results if r.status in ("PASS", "FAIL")})
+    if checked in ([], ["torch"]):
+        print("note: only the torch reference ran against itself in float64 here (no kernel backend is available "
+              "on this machine for these ops): this checks the install, not a kernel")
+    else:
+        print(f"kernel backends checked against the float64 reference: {', '.join(b for b in checked if b != 'torch')}")
     print(check.summary(results))
     failed = any(r.failed for r in results)
     if failed:
@@ -220,10 +226,32 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="trace.json", help="Chrome trace path (default trace.json)")
             p.add_argument("--top", type=int, default=15)
             p.set_defaults(func=cmd_profile)
+    from fastfuse.train.commands import add_parsers as add_training_parsers  # train | eval | demo
+    add_training_parsers(sub)
     return parser
 
 
+def _ensure_interpreter(argv: Optional[Sequence[str]]) -> Optional[int]:
+    """`check --interpret`: Triton reads TRITON_INTERPRET when it is imported, and importing
+    fastfuse may already have imported it; the command then starts again with the variable set."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--interpret" not in words or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return None
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" not in sys.modules:
+        return None
+    if argv is None:  # a real command line: re-run it in a fresh interpreter
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fastfuse", *words])
+    print("fastfuse check: --interpret needs TRITON_INTERPRET=1 before Triton is imported; set it in the "
+          "environment of this process", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    refused = _ensure_interpreter(argv)
+    if refused is not None:
+        return refused
     args = build_parser().parse_args(argv)
     for attr in ("dtype",):
         values = getattr(args, attr, None)
