@@ -88,11 +88,13 @@ def device_summary() -> dict:
 
 def extension_summary() -> dict:
     """Whether fastfuse._C is built, and the archs it was compiled for if it says."""
-    reason = backends.cuda_extension_unavailable_reason()
-    if reason is not None:
-        return {"built": False, "reason": reason}
-    from fastfuse import _C
-    summary = {"built": True, "archs": None}
+    try:
+        from fastfuse import _C
+    except ImportError:
+        return {"built": False, "reason": backends.cuda_extension_unavailable_reason()}
+    # Built but unusable (a driver older than its static runtime): the cuda backend is off and
+    # `auto` uses triton; say so instead of letting the first CUDA call fail.
+    summary = {"built": True, "archs": None, "unusable": backends.cuda_driver_too_old_reason(_C)}
     try:  # the extension describes itself (build_info: archs, cudart, families; runtime_status)
         build = dict(_C.build_info()) if hasattr(_C, "build_info") else {}
         archs = build.get("cuda_archs")
@@ -154,6 +156,8 @@ def format_report(info: dict) -> str:
         extra = f"; CUDA runtime {ext['cudart']}" if ext.get("cudart") else ""
         extra += f"; families: {', '.join(ext['families'])}" if ext.get("families") else ""
         lines.append(f"  fastfuse._C: built ({archs}{extra})")
+        if ext.get("unusable"):
+            lines.append(f"    unusable here, backend 'cuda' off ('auto' uses triton): {ext['unusable']}")
         runtime = ext.get("runtime") or {}
         if runtime.get("error"):
             lines.append(f"    CUDA runtime reports: {runtime['error']}")
@@ -168,29 +172,35 @@ def format_report(info: dict) -> str:
     for fam in info["families"]:
         lines.append(f"  {fam['family']:<16} {fam['state']}" + (f" — {fam['detail']}" if fam["detail"] else ""))
     lines.append("")
-    lines.append(format_op_table(info["ops"]))
+    lines.append(format_op_table(info["ops"], "cuda" if info["cuda_available"] else "cpu"))
     return "\n".join(lines)
 
 
-def format_op_table(table: dict) -> str:
-    """One row per op and backend; unavailable cells point to numbered reasons below the table."""
+def format_op_table(table: dict, device: Optional[str] = None) -> str:
+    """One row per op, one column per backend, for tensors on `device` (the machine's CUDA device
+    if it has one, else the CPU): "yes", "-" where the backend has no kernel for the op, or
+    "no [n]" with the numbered reason below the table."""
     if not table:
         return "no ops registered (no op family could be imported)"
+    if device is None:
+        device = "cuda" if any(cells.get("cuda") is None for per in table.values() for cells in per.values()) else "cpu"
     reasons: dict[str, int] = {}
 
     def cell(reason: Optional[str]) -> str:
         if reason is None:
             return "yes"
-        number = reasons.setdefault(reason, len(reasons) + 1)
-        return f"no [{number}]"
+        if "is not implemented in the" in reason:
+            return "-"
+        return f"no [{reasons.setdefault(reason, len(reasons) + 1)}]"
 
-    rows = [("op", "backend", "cpu", "cuda")]
+    names = list(dict.fromkeys(b for per in table.values() for b in per))
+    rows = [("op", *names)]
     for op, per_backend in table.items():
-        for backend, per_device in per_backend.items():
-            rows.append((op, backend, cell(per_device["cpu"]), cell(per_device["cuda"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    out.insert(1, "  ".join("-" * w for w in widths))
+        rows.append((op, *(cell(per_backend[b][device]) if b in per_backend else "-" for b in names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = [f"backends for {device.upper()} tensors (- = no kernel for that op):"]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    out.insert(2, "  ".join("-" * w for w in widths))
     if reasons:
         out.append("")
         out.extend(f"[{n}] {reason}" for reason, n in reasons.items())
