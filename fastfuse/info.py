@@ -149,7 +149,9 @@ def format_report(info: dict) -> str:
     if info["cuda_available"]:
         lines.append(f"  CUDA: available — {dev['device']} ({dev['arch']})")
     else:
-        lines.append(f"  CUDA: not available — CPU only ({dev['device']})")
+        lines.append(f"  CUDA: not available — CPU only ({dev['device']}); no CUDA device on this machine, so the "
+                     "triton and cuda backends are off (Triton runs on CPU only through its interpreter, "
+                     "TRITON_INTERPRET=1)")
     ext = info["extension"]
     if ext["built"]:
         archs = "archs " + ", ".join(ext["archs"]) if ext.get("archs") else "archs not exposed"

@@ -159,3 +159,10 @@ def test_console_entry_point_runs_as_a_module():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "op families:" in proc.stdout
+
+
+def test_info_table_has_one_row_per_op():
+    from fastfuse import info
+    text = info.format_op_table(info.collect()["ops"], "cpu")
+    rows = [line.split()[0] for line in text.splitlines()[3:] if line and not line.startswith("[")]
+    assert sorted(rows) == sorted(backends.registered_ops())
