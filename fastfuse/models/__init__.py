@@ -17,6 +17,12 @@ def register_model(name: str, path: str) -> None:
     MODELS[name] = path
 
 
+register_model("smif", "fastfuse.models.smif:SMIFNet")
+register_model("srlf", "fastfuse.models.srlf:SRLFNet")
+register_model("argsdiff", "fastfuse.models.argsdiff:ARGSDiff")  # self-supervised: fit + sample per pair
+register_model("daem", "fastfuse.models.daem:DAEM")              # self-supervised: blind EM fit per pair
+
+
 def model_class(name: str):
     if name not in MODELS:
         raise ValueError(f"fastfuse.models: unknown model {name!r}; known models: {sorted(MODELS)}")
