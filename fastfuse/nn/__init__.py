@@ -5,6 +5,9 @@ import importlib
 
 _PUBLIC = {
     "SS2D": "fastfuse.nn.ss2d",
+    "SpectralMSA": "fastfuse.nn.relearn",
+    "ReLearnBlock": "fastfuse.nn.relearn",
+    "SelectiveRelearn": "fastfuse.nn.relearn",
     "SSIMLoss": "fastfuse.nn.losses",
     "SAMLoss": "fastfuse.nn.losses",
     "L1SSIMLoss": "fastfuse.nn.losses",
