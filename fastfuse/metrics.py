@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from fastfuse._checks import (check_choice, check_positive, check_same_device, check_same_dtype,
                               check_same_shape, check_tensor, compute_dtype)
@@ -183,18 +182,49 @@ def rase(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 100.0 * _global_rms(*_scaled_band_mse(p, t)) / t.mean(dim=(1, 2, 3))
 
 
+def _window_sum(z: torch.Tensor, block: int, dim: int) -> torch.Tensor:
+    """Sums of `block` consecutive values along `dim` (valid), by doubling: a piece of 2s values
+    is two pieces of s added, and block's binary digits pick the pieces, so ~2·log2(block) adds
+    per value instead of avg_pool2d's block (which runs serially per plane in float64)."""
+    n = z.shape[dim] - block + 1
+    total, offset, piece, size = None, 0, z, 1
+    while True:
+        if block & size:
+            part = piece.narrow(dim, offset, n)
+            total = part if total is None else total + part
+            offset += size
+        if 2 * size > block:
+            return total
+        m = piece.shape[dim] - size
+        piece = piece.narrow(dim, 0, m) + piece.narrow(dim, size, m)
+        size *= 2
+
+
 def _box_mean(z: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over every block × block window (valid), as two 1-D passes: 2·block adds, not block²."""
-    return F.avg_pool2d(F.avg_pool2d(z, (1, block), stride=1), (block, 1), stride=1)
-
-
-def _box_max(z: torch.Tensor, block: int) -> torch.Tensor:
-    return F.max_pool2d(F.max_pool2d(z, (1, block), stride=1), (block, 1), stride=1)
+    """Mean over every block × block window (valid), as two 1-D passes."""
+    return _window_sum(_window_sum(z, block, -1), block, -2) / (block * block)
 
 
 def _is_constant(z: torch.Tensor, block: int) -> torch.Tensor:
-    """Exactly whether each window is constant (max == min), which variances cannot tell in floats."""
-    return _box_max(z, block) == -_box_max(-z, block)
+    """Exactly whether each window is constant (as max == min: a NaN makes it non-constant), which
+    variances cannot tell in floats: no two horizontal neighbours in it differ and no two
+    vertical ones, counted with window sums of 0/1 flags (exact in fp32)."""
+    if block == 1:
+        return z == z
+    across = (z[..., :, 1:] != z[..., :, :-1]).to(torch.float32)
+    down = (z[..., 1:, :] != z[..., :-1, :]).to(torch.float32)
+    changes_across = _window_sum(_window_sum(across, block - 1, -1), block, -2)
+    changes_down = _window_sum(_window_sum(down, block, -1), block - 1, -2)
+    return (changes_across == 0) & (changes_down == 0)
+
+
+def _cpu_uiqi_map():
+    """The cpu backend's UIQI map kernel, or None where the compiled module is absent."""
+    try:
+        from fastfuse.cpu.ssim import uiqi_map
+    except ImportError:
+        return None
+    return uiqi_map
 
 
 def uiqi(pred: torch.Tensor, target: torch.Tensor, *, block: int = 8) -> torch.Tensor:
@@ -213,6 +243,7 @@ def uiqi(pred: torch.Tensor, target: torch.Tensor, *, block: int = 8) -> torch.T
     """
     p, t = _prepare("uiqi", pred, target)
     out_dtype = p.dtype
+    narrow_p, narrow_t = p, t   # constancy is exact in any dtype: tested before widening
     p, t = p.double(), t.double()
     check_positive("metrics.uiqi", "block", block, integer=True)
     if min(p.shape[2], p.shape[3]) < block:
@@ -220,6 +251,9 @@ def uiqi(pred: torch.Tensor, target: torch.Tensor, *, block: int = 8) -> torch.T
                          f"wide for a valid sliding window, got {tuple(pred.shape)}")
     if p.shape[0] == 0:
         return p.new_empty(0)
+    fast = _cpu_uiqi_map() if p.device.type == "cpu" else None
+    if fast is not None:   # the same conventions in one pass per row (fastfuse/cpu/ssim.py)
+        return fast(narrow_t, narrow_p, block).mean(dim=(1, 2, 3)).to(out_dtype)
     x, y = t, p
     # Variances and covariance do not change under a shift; removing each band's mean keeps
     # E[x²] − E[x]² from cancelling away the digits of small local variances.
@@ -230,12 +264,17 @@ def uiqi(pred: torch.Tensor, target: torch.Tensor, *, block: int = 8) -> torch.T
     var_x = (_box_mean(xc * xc, block) - mean_xc.square()).clamp_min(0)
     var_y = (_box_mean(yc * yc, block) - mean_yc.square()).clamp_min(0)
     cov = _box_mean(xc * yc, block) - mean_xc * mean_yc
-    const_x, const_y = _is_constant(x, block), _is_constant(y, block)
+    const_x, const_y = _is_constant(narrow_t, block), _is_constant(narrow_p, block)
     zero = torch.zeros_like(var_x)
     var_x = torch.where(const_x, zero, var_x)
     var_y = torch.where(const_y, zero, var_y)
     cov = torch.where(const_x | const_y, zero, cov)
     mu_x, mu_y = mean_xc + x_shift, mean_yc + y_shift
+    # A constant window's mean is its value, exactly: shifting and summing would leave rounding
+    # residue (two zero windows would get a luminance term of noise instead of the convention's 1).
+    out_h, out_w = mu_x.shape[-2:]
+    mu_x = torch.where(const_x, x[..., :out_h, :out_w], mu_x)
+    mu_y = torch.where(const_y, y[..., :out_h, :out_w], mu_y)
 
     luminance_den = mu_x.square() + mu_y.square()
     den = (var_x + var_y) * luminance_den

@@ -184,6 +184,31 @@ def test_uiqi_float32_constant_windows_are_exact():
     np.testing.assert_allclose(metrics.uiqi(pred, target, block=8).numpy(), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_uiqi_cpu_kernel_matches_torch_formula(monkeypatch, dtype, block):
+    """On CPU uiqi runs the cpu backend's one-pass kernel; it must give the torch formula's values,
+    flat windows (zero, equal, different constants), a NaN and a non-contiguous input included."""
+    from fastfuse.cpu._extension import load
+    pytest.importorskip("fastfuse._cpu_ssim", reason="the cpu backend's ssim kernels are not built")
+    load("ssim")
+    g = torch.Generator().manual_seed(block)
+    target = torch.rand(2, 3, 17, 14, generator=g, dtype=torch.float64)
+    pred = (target + 0.1 * torch.rand(2, 3, 17, 14, generator=g, dtype=torch.float64)).clamp(0, 1)
+    target[0, 0, :9, :9], pred[0, 0, :9, :9] = 0.0, 0.0
+    target[0, 1, :9, :9], pred[0, 1, :9, :9] = 0.25, 0.25
+    target[1, 0, :9, :9], pred[1, 0, :9, :9] = 0.2, 0.6
+    pred[1, 2, 4, 5] = float("nan")
+    pred, target = non_contiguous(pred.to(dtype)), target.to(dtype)
+    assert metrics._cpu_uiqi_map() is not None
+    fast = metrics.uiqi(pred, target, block=block)
+    monkeypatch.setattr(metrics, "_cpu_uiqi_map", lambda: None)
+    slow = metrics.uiqi(pred, target, block=block)
+    assert torch.isnan(fast[1]) and torch.isnan(slow[1])
+    torch.testing.assert_close(fast[0].double(), slow[0].double(), rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                               atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
 # --------------------------------------------------------------------------- SSIM vs skimage
 
 @pytest.mark.parametrize("shape", [(1, 3, 16, 18), (2, 2, 11, 11)])
