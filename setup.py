@@ -15,6 +15,17 @@ Project metadata lives in pyproject.toml; this file only adds the optional exten
   FASTFUSE_ALLOW_CUDA_FAIL=1, which warns and installs without the extension.
 - FASTFUSE_CUDA_FAMILIES="sam" builds only those families (csrc/<family>.cu and
   csrc/<family>_bindings.cpp); MAX_JOBS caps the number of compile processes run at once.
+
+The cpu backend, independent of nvcc:
+- Every csrc/cpu/<family>.cpp is compiled by the host C++ compiler (-O3 -std=c++17 -fopenmp, no
+  -march=native so a wheel runs on any x86-64; kernels pick AVX2/AVX-512 at run time with
+  function multiversioning) into its own module fastfuse._cpu_<family>; csrc/cpu/README.md has
+  the conventions. No libtorch: the launchers in fastfuse/cpu/ pass raw pointers.
+- FASTFUSE_SKIP_CPU_BUILD=1 skips them. No compiler, or a family that fails to compile, warns and
+  installs without that module (the cpu backend then falls back to torch for its ops and
+  `fastfuse info` says why), unless FASTFUSE_REQUIRE_CPU_BUILD=1 (CI), which fails the build.
+- FASTFUSE_CPU_FAMILIES="selective_scan" builds only those. For development, build in place
+  without touching fastfuse/_C: `FASTFUSE_SKIP_CUDA_BUILD=1 python setup.py build_ext --inplace`.
 """
 from __future__ import annotations
 
@@ -36,6 +47,8 @@ CSRC = ROOT / "csrc"
 KERNELS = ROOT / "kernels"
 DEFAULT_ARCHS = "80;86;89;90"
 EXTENSION_NAME = "fastfuse._C"
+CPU_CSRC = CSRC / "cpu"
+CPU_EXTENSION_PREFIX = "fastfuse._cpu_"
 
 
 def log(message: str) -> None:
@@ -231,6 +244,47 @@ def cuda_extension(plan: CudaPlan) -> Extension:
     )
 
 
+def cpu_families() -> list[str]:
+    """Every family with a CPU kernel: csrc/cpu/<family>.cpp (FASTFUSE_CPU_FAMILIES narrows)."""
+    available = sorted(p.stem for p in CPU_CSRC.glob("*.cpp"))
+    spec = os.environ.get("FASTFUSE_CPU_FAMILIES", "").strip()
+    if not spec:
+        return available
+    chosen = sorted(set(filter(None, re.split(r"[;,\s]+", spec))))
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise ValueError(f"FASTFUSE_CPU_FAMILIES names {unknown}, which have no csrc/cpu/<family>.cpp; "
+                         f"the families are {available}")
+    return chosen
+
+
+def cpu_extensions() -> list[Extension]:
+    """One pybind11 module fastfuse._cpu_<family> per csrc/cpu/<family>.cpp, or none if skipped."""
+    if env_flag("FASTFUSE_SKIP_CPU_BUILD"):
+        log("FASTFUSE_SKIP_CPU_BUILD is set: not building the cpu backend's kernels; "
+            "its ops will run on the torch reference")
+        return []
+    try:
+        import pybind11  # a build requirement (pyproject.toml)
+    except ImportError:
+        if env_flag("FASTFUSE_REQUIRE_CPU_BUILD"):
+            raise
+        log("WARNING: pybind11 is not installed: installing without the cpu backend's kernels")
+        return []
+    headers = [str(p.relative_to(ROOT)) for p in sorted(CPU_CSRC.glob("*.h"))]
+    return [Extension(
+        CPU_EXTENSION_PREFIX + family,
+        sources=[str((CPU_CSRC / f"{family}.cpp").relative_to(ROOT))],
+        include_dirs=[str(CPU_CSRC), pybind11.get_include()],
+        # -fopenmp links libgomp, the soname torch's wheel already loads, so one OpenMP runtime
+        # serves both; the kernels take their thread count from torch.get_num_threads() per call.
+        extra_compile_args=["-std=c++17", "-O3", "-g0", "-fopenmp", "-fvisibility=hidden"],
+        extra_link_args=["-fopenmp"],
+        depends=headers,
+        language="c++",
+    ) for family in cpu_families()]
+
+
 class BuildExtWithCuda(build_ext):
     """build_ext that compiles csrc/*.cu (nvcc) and csrc/*.cpp (host compiler) concurrently, then
     links them with the static cudart."""
@@ -238,13 +292,22 @@ class BuildExtWithCuda(build_ext):
     plan: Optional[CudaPlan] = None
 
     def build_extensions(self) -> None:
-        # Sequential over extensions on purpose: the compiles inside one are already parallel.
+        # The CUDA extension first, alone: the compiles inside it are already parallel. Then the
+        # cpu-backend modules, one host compile each, in parallel (MAX_JOBS caps it).
         self.check_extensions_list(self.extensions)
-        built = [ext for ext in self.extensions if self._build_or_skip(ext)]
-        # An extension dropped under FASTFUSE_ALLOW_CUDA_FAIL must not be copied or recorded.
+        cpu = [ext for ext in self.extensions if ext.name.startswith(CPU_EXTENSION_PREFIX)]
+        built = [ext for ext in self.extensions if ext not in cpu and self._build_or_skip(ext)]
+        workers = max(1, min(len(cpu), int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            cpu_built = list(pool.map(self._build_or_skip, cpu))
+        built += [ext for ext, ok in zip(cpu, cpu_built) if ok]
+        # An extension dropped (FASTFUSE_ALLOW_CUDA_FAIL, a cpu module that failed to compile) must
+        # not be copied or recorded.
         self.extensions = built
 
     def _build_or_skip(self, ext: Extension) -> bool:
+        if ext.name.startswith(CPU_EXTENSION_PREFIX):
+            return self._build_cpu_extension(ext)
         if ext.name != EXTENSION_NAME or self.plan is None:
             self.build_extension(ext)
             return True
@@ -258,6 +321,22 @@ class BuildExtWithCuda(build_ext):
                 f"installing without it:\n{exc}")
             return False
         log(f"built {EXTENSION_NAME} in {time.monotonic() - start:.1f} s")
+        return True
+
+    def _build_cpu_extension(self, ext: Extension) -> bool:
+        """A cpu-backend module is optional: without a working compiler the package still installs
+        (its ops run on the torch reference), unless FASTFUSE_REQUIRE_CPU_BUILD=1."""
+        start = time.monotonic()
+        try:
+            self.build_extension(ext)
+        except Exception as exc:  # CompileError, LinkError, no compiler at all: all mean "not built"
+            if env_flag("FASTFUSE_REQUIRE_CPU_BUILD"):
+                raise
+            log(f"WARNING: building {ext.name} failed ({type(exc).__name__}: {exc}); installing without it: "
+                f"the cpu backend's {ext.name[len(CPU_EXTENSION_PREFIX):]} ops will run on the torch reference "
+                "(set FASTFUSE_REQUIRE_CPU_BUILD=1 to make this an error)")
+            return False
+        log(f"built {ext.name} in {time.monotonic() - start:.1f} s")
         return True
 
     def _build_cuda_extension(self, ext: Extension) -> None:
@@ -291,7 +370,8 @@ class BuildExtWithCuda(build_ext):
 def main() -> None:
     plan = cuda_plan()
     BuildExtWithCuda.plan = plan
-    setup(ext_modules=[cuda_extension(plan)] if plan else [], cmdclass={"build_ext": BuildExtWithCuda})
+    extensions = ([cuda_extension(plan)] if plan else []) + cpu_extensions()
+    setup(ext_modules=extensions, cmdclass={"build_ext": BuildExtWithCuda})
 
 
 if __name__ == "__main__":  # also true when pip's build backend runs this file

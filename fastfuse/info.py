@@ -108,6 +108,15 @@ def extension_summary() -> dict:
     return summary
 
 
+def cpu_kernels_summary() -> dict:
+    """Which families have the cpu backend's compiled kernels (fastfuse._cpu_<family>), or why none."""
+    try:
+        from fastfuse.cpu import _extension
+        return _extension.summary()
+    except Exception as exc:  # never let the report fail
+        return {"built": [], "reason": f"{type(exc).__name__}: {exc}"}
+
+
 def op_availability(op: str, backend: str, device: str) -> Optional[str]:
     """None if `backend` runs `op` on `device` here, else the reason."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -132,6 +141,7 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "device": device_summary(),
         "extension": extension_summary(),
+        "cpu_kernels": cpu_kernels_summary(),
         "env": {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "FASTFUSE_BACKEND")},
         "families": [vars(f) for f in families],
         "ops": table,
@@ -165,6 +175,11 @@ def format_report(info: dict) -> str:
             lines.append(f"    CUDA runtime reports: {runtime['error']}")
     else:
         lines.append(f"  fastfuse._C: not built — {ext['reason']}")
+    cpu = info.get("cpu_kernels") or {}
+    if cpu.get("built"):
+        lines.append(f"  cpu backend kernels: built for {', '.join(cpu['built'])}")
+    else:
+        lines.append(f"  cpu backend kernels: not built — {cpu.get('reason')}; CPU tensors use the torch reference")
     for name, value in info["env"].items():
         lines.append(f"  {name}={value if value is not None else '(unset)'}")
     peers = ", ".join(f"{d} {v}" if v else f"{d} (absent)" for d, v in info["peers"].items())

@@ -37,7 +37,7 @@ def backend_params(op: str) -> list:
         if device == "cuda" and not torch.cuda.is_available():
             continue
         # The cuda backend never takes CPU tensors: no (cpu, cuda) case to report as skipped.
-        for name in ("triton",) if device == "cpu" else ("triton", "cuda"):
+        for name in ("cpu", "triton") if device == "cpu" else ("triton", "cuda"):
             reason = backends.unavailable_reason(op, name, dev)
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             params.append(pytest.param(device, name, id=f"{device}-{name}", marks=marks))

@@ -203,6 +203,44 @@ def torch_cross_merge(ys: torch.Tensor) -> torch.Tensor:
     return y[:, 0] + y[:, 1].view(batch, channels, w, h).transpose(2, 3).flatten(2)
 
 
+def torch_loop_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The selective scan as a user writes it in plain PyTorch (mamba-ssm's selective_scan_ref style):
+    decays and inputs for every step at once, then one state update per step in a Python loop."""
+    dtype = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    if B.dim() == 4:  # grouped (batch, G, N, L): channel d reads group d // (D / G)
+        per_group = u.shape[1] // B.shape[1]
+        B, C = (t.float().repeat_interleave(per_group, dim=1) for t in (B, C))  # (batch, D, N, L)
+        delta_b_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
+        C_at = lambda i: C[..., i]  # noqa: E731
+        y_of = lambda x, i: torch.einsum("bdn,bdn->bd", x, C_at(i))  # noqa: E731
+    else:
+        B, C = B.float(), C.float()
+        delta_b_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+        y_of = lambda x, i: torch.einsum("bdn,bn->bd", x, C[:, :, i])  # noqa: E731
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.float()))
+    x = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]))
+    ys = []
+    for i in range(u.shape[2]):
+        x = decay[:, :, i] * x + delta_b_u[:, :, i]
+        ys.append(y_of(x, i))
+    out = torch.stack(ys, dim=2)
+    if D is not None:
+        out = out + u * D.float()[:, None]
+    if z is not None:
+        out = out * F.silu(z.float())
+    return out.to(dtype)
+
+
+def _torch_loop_scan_build(case, inputs):
+    args, kwargs = _args(case, inputs)
+    return lambda: torch_loop_selective_scan(*args, **kwargs)
+
+
 def vmamba_pipeline(scan_fn: Callable, cross_scan: Callable = torch_cross_scan,
                     cross_merge: Callable = torch_cross_merge) -> Callable:
     """The unfused SS2D core as VMamba (v2 flow) writes it, with a pluggable selective scan."""
@@ -377,6 +415,8 @@ def _register_defaults() -> None:
                       note="textbook arccos of the normalised dot product"))
     register(Provider("mamba-ssm", PEER, ("selective_scan",), _mamba_selective_scan_build,
                       _all(_cuda_only("mamba-ssm"), _needs("mamba_ssm.ops.selective_scan_interface"))))
+    register(Provider("torch-loop", PEER, ("selective_scan",), _torch_loop_scan_build,
+                      note="plain PyTorch: precomputed decays, a Python loop over the steps (selective_scan_ref style)"))
     register(Provider("vmamba+mamba-ssm", PEER, ("cross_selective_scan",), _pipeline_build(_mamba_scan),
                       _all(_cuda_only("mamba-ssm"), _needs("mamba_ssm.ops.selective_scan_interface")),
                       note="unfused VMamba v2 flow: torch cross scan/merge, einsum projections, mamba-ssm scan"))
