@@ -139,8 +139,8 @@ def selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: 
     return out, last_state, chunk_states
 
 
-def selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
-                            delta_softplus: bool, chunk: int):
+def selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool,
+                            chunk: int, chunk_states):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype; None for
     absent inputs."""
     fn = "selective_scan_backward"

@@ -55,8 +55,10 @@ def _cross_scan_kernel(x_ptr, out_ptr, C, H, W, sx_b, sx_c, sx_h, sx_w,
     # the column orders use the block transposed to (BC, BW, BH), so that the output's
     # contiguous dimension is also the last one of the block; reversed orders then run
     # downwards by one element per lane, which still touches the same 128-byte lines.
-    pid_hw, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Batch folded into axis 0 with the spatial tiles (axis 2 would stop at B = 65535).
     tiles_w = tl.cdiv(W, BW)
+    n_hw = tl.cdiv(H, BH) * tiles_w
+    pid_hw, pid_c, pid_b = tl.program_id(0) % n_hw, tl.program_id(1), tl.program_id(0) // n_hw
     one = tl.full([], 1, tl.int64)  # products start from it so that none is formed in int32
     b = pid_b.to(tl.int64)
     L = one * H * W
@@ -87,8 +89,10 @@ def _cross_merge_kernel(seq_ptr, out_ptr, C, H, W, ss_b, ss_k, ss_c, ss_l, so_b,
     # One program: a BC×BH×BW block of output pixels; gathers the four directions' values for
     # them (column orders gathered as a (BC, BW, BH) block, along their contiguous dimension)
     # and writes their sum, accumulated in ACC, once.
-    pid_hw, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Batch folded into axis 0 with the spatial tiles (axis 2 would stop at B = 65535).
     tiles_w = tl.cdiv(W, BW)
+    n_hw = tl.cdiv(H, BH) * tiles_w
+    pid_hw, pid_c, pid_b = tl.program_id(0) % n_hw, tl.program_id(1), tl.program_id(0) // n_hw
     one = tl.full([], 1, tl.int64)  # products start from it so that none is formed in int32
     b = pid_b.to(tl.int64)
     L = one * H * W
@@ -122,7 +126,7 @@ def _image_strides(x: torch.Tensor, channel_last: bool) -> tuple[int, int, int, 
 
 def _grid(B: int, C: int, H: int, W: int, tile: tuple[int, int, int]):
     bc, bh, bw = tile
-    return (triton.cdiv(H, bh) * triton.cdiv(W, bw), triton.cdiv(C, bc), B)
+    return (triton.cdiv(H, bh) * triton.cdiv(W, bw) * B, triton.cdiv(C, bc))
 
 
 def _num_warps(tile: tuple[int, int, int]) -> int:

@@ -41,8 +41,10 @@ _PADDING_CODE = {"zero": 0, "circular": 1, "reflect": 2}
 def _channel_mix_kernel(out_ptr, x_ptr, m_ptr, I, O, P, W, s_xb, s_xi, s_xh, s_xw, s_mo, s_mi,
                         ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr):
     """out[b, o, p] = Σ_i m[o, i] · x[b, i, p]; out contiguous (B, O, P)."""
-    b = tl.program_id(2).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Batch folded into axis 0 (axes 1 and 2 stop at 65535, axis 0 at 2**31 − 1).
+    n_pblocks = tl.cdiv(P, BLOCK_P)
+    b = (tl.program_id(0) // n_pblocks).to(tl.int64)
+    p = (tl.program_id(0) % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     p_in, o_in = p < P, o < O
     pixel = (p // W).to(tl.int64) * s_xh + (p % W).to(tl.int64) * s_xw
@@ -98,11 +100,14 @@ def _blur_at(z_ptr, k_ptr, oh, ow, tile_mask, H, W, ksize, ratio, off_h, off_w, 
 def _degrade_kernel(out_ptr, z_ptr, k_ptr, C, H, W, Ho, Wo, ksize, ratio, off_h, off_w,
                     s_zb, s_zc, s_zh, s_zw, s_kc, s_ki, s_kj,
                     MODE: tl.constexpr, ACC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    bc = tl.program_id(1)
-    b, c = (bc // C).to(tl.int64), (bc % C).to(tl.int64)
+    # One flat axis: (batch·channel, tile) — B·C on axis 1 would stop at 65535.
     tiles_w = tl.cdiv(Wo, BW)
-    oh = ((tl.program_id(0) // tiles_w) * BH + tl.arange(0, BH)).to(tl.int64)
-    ow = ((tl.program_id(0) % tiles_w) * BW + tl.arange(0, BW)).to(tl.int64)
+    n_tiles = tl.cdiv(Ho, BH) * tiles_w
+    bc = tl.program_id(0) // n_tiles
+    tile = tl.program_id(0) % n_tiles
+    b, c = (bc // C).to(tl.int64), (bc % C).to(tl.int64)
+    oh = ((tile // tiles_w) * BH + tl.arange(0, BH)).to(tl.int64)
+    ow = ((tile % tiles_w) * BW + tl.arange(0, BW)).to(tl.int64)
     tile_mask = (oh < Ho)[:, None] & (ow < Wo)[None, :]
     acc = _blur_at(z_ptr + b * s_zb + c * s_zc, k_ptr + c * s_kc, oh, ow, tile_mask, H, W, ksize, ratio,
                    off_h, off_w, s_zh, s_zw, s_ki, s_kj, MODE, ACC)
@@ -153,11 +158,13 @@ def _degrade_adjoint_kernel(out_ptr, x_ptr, k_ptr, C, H, W, Ho, Wo, ksize, ratio
                             s_xb, s_xc, s_xh, s_xw, s_kc, s_ki, s_kj,
                             fam_h, period_h, fam_w, period_w, taps,
                             ACC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    bc = tl.program_id(1)
-    b, c = (bc // C).to(tl.int64), (bc % C).to(tl.int64)
     tiles_w = tl.cdiv(W, BW)
-    h0 = ((tl.program_id(0) // tiles_w) * BH).to(tl.int64)
-    w0 = ((tl.program_id(0) % tiles_w) * BW).to(tl.int64)
+    n_tiles = tl.cdiv(H, BH) * tiles_w
+    bc = tl.program_id(0) // n_tiles  # one flat axis, as in _degrade_kernel
+    tile = tl.program_id(0) % n_tiles
+    b, c = (bc // C).to(tl.int64), (bc % C).to(tl.int64)
+    h0 = ((tile // tiles_w) * BH).to(tl.int64)
+    w0 = ((tile % tiles_w) * BW).to(tl.int64)
     mh = h0 + tl.arange(0, BH)
     mw = w0 + tl.arange(0, BW)
     mh_in, mw_in = mh < H, mw < W
@@ -203,10 +210,12 @@ def _atan2_nonneg(y, x):
 def _degrade_sam_kernel(xp_ptr, sam_ptr, z_ptr, k_ptr, x_ptr, C, H, W, Ho, Wo, ksize, ratio, off_h, off_w,
                         s_zb, s_zc, s_zh, s_zw, s_kc, s_ki, s_kj, s_xb, s_xc, s_xh, s_xw, eps, scale, tiny,
                         MODE: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
     tiles_w = tl.cdiv(Wo, BW)
-    oh = ((tl.program_id(0) // tiles_w) * BH + tl.arange(0, BH)).to(tl.int64)
-    ow = ((tl.program_id(0) % tiles_w) * BW + tl.arange(0, BW)).to(tl.int64)
+    n_tiles = tl.cdiv(Ho, BH) * tiles_w
+    b = (tl.program_id(0) // n_tiles).to(tl.int64)  # one flat axis, as in _degrade_kernel
+    tile = tl.program_id(0) % n_tiles
+    oh = ((tile // tiles_w) * BH + tl.arange(0, BH)).to(tl.int64)
+    ow = ((tile % tiles_w) * BW + tl.arange(0, BW)).to(tl.int64)
     tile_mask = (oh < Ho)[:, None] & (ow < Wo)[None, :]
     x_tile = x_ptr + b * s_xb + oh.to(tl.int64)[:, None] * s_xh + ow.to(tl.int64)[None, :] * s_xw
     xp_tile = xp_ptr + (b * C * Ho + oh[:, None]) * Wo + ow[None, :]
@@ -274,7 +283,7 @@ def _channel_mix(x: torch.Tensor, m: torch.Tensor, out_dtype: torch.dtype) -> to
         return out.zero_()
     P = H * W
     BLOCK_P, BLOCK_O = _pow2(P, 128), _pow2(O, 16)
-    grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(O, BLOCK_O), B)
+    grid = (triton.cdiv(P, BLOCK_P) * B, triton.cdiv(O, BLOCK_O))
     _channel_mix_kernel[grid](out, x, m, I, O, P, W, *x.stride(), *m.stride(), ACC=_acc(x.dtype),
                               BLOCK_O=BLOCK_O, BLOCK_P=BLOCK_P, num_warps=4)
     return out
@@ -287,7 +296,7 @@ def _degrade(z: torch.Tensor, kernel: torch.Tensor, ratio: int, padding: str, of
     if out.numel() == 0:
         return out
     BH, BW = _tile(Ho, Wo)
-    grid = (triton.cdiv(Ho, BH) * triton.cdiv(Wo, BW), B * C)
+    grid = (triton.cdiv(Ho, BH) * triton.cdiv(Wo, BW) * B * C,)
     _degrade_kernel[grid](out, z, kernel, C, H, W, Ho, Wo, kernel.shape[-1], ratio, offset[0], offset[1],
                           *z.stride(), *_kernel_strides(kernel), MODE=_PADDING_CODE[padding], ACC=_acc(z.dtype),
                           BH=BH, BW=BW, num_warps=4)
@@ -311,7 +320,7 @@ def _degrade_adjoint(x: torch.Tensor, kernel: torch.Tensor, ratio: int, size, pa
     if out.numel() == 0:
         return out
     BH, BW = _tile(H, W)
-    grid = (triton.cdiv(H, BH) * triton.cdiv(W, BW), B * C)
+    grid = (triton.cdiv(H, BH) * triton.cdiv(W, BW) * B * C,)
     _degrade_adjoint_kernel[grid](out, x, kernel, C, H, W, Ho, Wo, k, ratio, offset[0], offset[1],
                                   *x.stride(), *_kernel_strides(kernel), *_preimage_params(H, padding),
                                   *_preimage_params(W, padding), -(-k // ratio), ACC=_acc(x.dtype),
@@ -375,7 +384,7 @@ def spatial_degrade_sam_forward(z, kernel, ratio, x, padding, offset, degrees, e
     # One program reduces over all bands of its pixels, so only pixels give parallelism: small
     # tiles keep enough programs in flight for a low-resolution image (64×64 → 64 per image).
     BH, BW = _tile(Ho, Wo, lanes=64)
-    grid = (triton.cdiv(Ho, BH) * triton.cdiv(Wo, BW), B)
+    grid = (triton.cdiv(Ho, BH) * triton.cdiv(Wo, BW) * B,)
     _degrade_sam_kernel[grid](x_pseudo, sam, z, kernel, x, C, H, W, Ho, Wo, kernel.shape[-1], ratio,
                               offset[0], offset[1], *z.stride(), *_kernel_strides(kernel), *x.stride(),
                               float(eps), 180.0 / math.pi if degrees else 1.0, torch.finfo(torch.float32).tiny,
@@ -383,7 +392,7 @@ def spatial_degrade_sam_forward(z, kernel, ratio, x, padding, offset, degrees, e
     return x_pseudo, sam
 
 
-def spatial_degrade_sam_backward(grad_x_pseudo, grad_sam, z, kernel, x, ratio, padding, offset, degrees, eps,
+def spatial_degrade_sam_backward(grad_x_pseudo, grad_sam, z, kernel, ratio, x, padding, offset, degrees, eps,
                                  need_z, need_kernel, need_x):
     # The SAM part is per low-resolution pixel and cheap: its VJP comes from the reference; the
     # heavy part, the adjoint of the blur, runs in the kernel.
@@ -420,8 +429,8 @@ def spectral_response_ssim_backward(grad_y_pseudo, grad_ssim, z, R, y, window_si
     from fastfuse.ops import ssim as _register_ssim  # noqa: F401
 
     y_pseudo = _channel_mix(z, R, z.dtype)
-    d_pseudo, dy = torch.ops.fastfuse.ssim_map_backward(grad_ssim, y_pseudo, y, window_size, sigma, data_range,
-                                                        k1, k2, padding, True, need_y, "auto")
+    d_pseudo, dy = torch.ops.fastfuse.ssim_map_backward([grad_ssim], [], [True, need_y], y_pseudo, y, window_size,
+                                                        sigma, data_range, k1, k2, padding, "auto")
     d_pseudo = (d_pseudo.float() + grad_y_pseudo.float()).to(z.dtype) if z.dtype != torch.float64 \
         else d_pseudo + grad_y_pseudo
     dz, dR = spectral_response_backward(d_pseudo, z, R, need_z, need_R)
