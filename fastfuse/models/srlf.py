@@ -169,6 +169,12 @@ class SRLFNet(nn.Module):
             SRLFBlock(channels, hsi_bands, msi_bands, ratio, srf, kernel, relearn=relearn, d_state=d_state,
                       ssm_ratio=ssm_ratio, backend=backend) for _ in range(n_blocks))
         self.refine = nn.Conv2d(channels * (n_blocks + 1), hsi_bands, 3, padding=1)
+        if self.global_residual:
+            # The network learns a correction of the bicubic upsampling: starting it at zero makes
+            # the untrained model exactly bicubic instead of bicubic plus a random image, which
+            # short trainings (the demo) otherwise spend their first hundreds of steps undoing.
+            nn.init.zeros_(self.refine.weight)
+            nn.init.zeros_(self.refine.bias)
 
     @classmethod
     def spatial_multiple(cls, ratio: int) -> int:
