@@ -26,8 +26,11 @@ _PUBLIC = {
     "spatial_degrade_adjoint": "fastfuse.ops.degrade",
     "spectral_response_ssim": "fastfuse.ops.degrade",
     "spatial_degrade_sam": "fastfuse.ops.degrade",
+    "subspace_guidance": "fastfuse.ops.subspace_guidance",
+    "channel_attention": "fastfuse.ops.channel_attention",
 }
-FAMILIES = ("selective_scan", "cross_scan", "ssim", "sam", "select", "degrade")
+FAMILIES = ("selective_scan", "cross_scan", "ssim", "sam", "select", "degrade", "subspace_guidance",
+            "channel_attention")
 __all__ = sorted(_PUBLIC) + ["load_all", "__version__"]
 
 

@@ -90,6 +90,23 @@ def cuda_extension_unavailable_reason() -> Optional[str]:
         from fastfuse import _C  # noqa: F401
     except ImportError as exc:
         return f"the CUDA extension fastfuse._C is not built ({exc})"
+    return cuda_driver_too_old_reason(_C)
+
+
+def cuda_driver_too_old_reason(ext) -> Optional[str]:
+    """_C links a static CUDA runtime; a driver of an older CUDA major version cannot run it (CUDA 13
+    needs an R580+ driver), and its first CUDA call would fail with no word why. None if fine or
+    unknown (no driver at all: the device checks say so)."""
+    try:
+        cudart = int(dict(ext.build_info()).get("cudart_version") or 0)
+        driver = int(dict(ext.runtime_status()).get("driver_version") or 0)
+    except Exception:  # an extension without the self-description: nothing to compare
+        return None
+    if driver and cudart and driver // 1000 < cudart // 1000:
+        return (f"the CUDA extension fastfuse._C was built with a static CUDA {cudart // 1000}.{cudart % 1000 // 10} "
+                f"runtime, which needs a driver for CUDA {cudart // 1000}.x or newer (R580+ for CUDA 13); this "
+                f"driver supports CUDA {driver // 1000}.{driver % 1000 // 10}: update the driver, or rebuild "
+                "fastfuse with a CUDA toolkit the driver supports")
     return None
 
 
@@ -131,12 +148,37 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(op, b, device) is None]
 
 
+ENV_VAR = "FASTFUSE_BACKEND"
+
+
+def check_backend_argument(op: str, backend) -> str:
+    """`backend=` must be "auto" or a backend name (a string): say so before the dispatcher does."""
+    if not isinstance(backend, str):
+        raise TypeError(f"fastfuse.{op}: backend must be a string, 'auto' or one of {BACKENDS}, "
+                        f"got {backend!r} ({type(backend).__name__})")
+    return backend
+
+
+def environment_backend() -> str:
+    """The default backend set by FASTFUSE_BACKEND: "auto" when unset or empty, else a backend
+    name, read case-insensitively ("TORCH" means "torch"); any other value is an error naming the
+    variable, so that a typo is never silently ignored."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"the environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not a backend; "
+                         f"expected 'auto' or one of {BACKENDS} (case-insensitive), or unset it")
+    return value
+
+
 def resolve(op: str, backend: str, device: torch.device, numel: int = 0) -> str:
     """Turn a user's `backend=` (or FASTFUSE_BACKEND) into a concrete backend for this call."""
-    if backend is None:
-        backend = "auto"
+    check_backend_argument(op, backend)
+    from_env = False
     if backend == "auto":
-        backend = os.environ.get("FASTFUSE_BACKEND", "auto") or "auto"
+        backend = environment_backend()
+        from_env = backend != "auto"
         # The environment sets a default for every op; an op that has no implementation in that
         # backend at all uses its automatic choice instead of failing. Given as an argument, a
         # backend is a demand and is never replaced.
@@ -155,13 +197,14 @@ def resolve(op: str, backend: str, device: torch.device, numel: int = 0) -> str:
             if unavailable_reason(op, name, device) is None and _fits(op, name, numel):
                 return name
         return "torch"
+    source = f" (set by the environment variable {ENV_VAR})" if from_env else ""
     reason = unavailable_reason(op, backend, device)
     if reason is not None:
-        raise BackendUnavailableError(f"fastfuse.{op}: backend {backend!r} is unavailable: {reason}")
+        raise BackendUnavailableError(f"fastfuse.{op}: backend {backend!r}{source} is unavailable: {reason}")
     if not _fits(op, backend, numel):
         raise ValueError(
-            f"fastfuse.{op}: backend {backend!r} indexes with 32-bit offsets and the inputs have "
-            f"{numel} elements (limit {INT32_LIMIT}); split the batch or use backend='torch'")
+            f"fastfuse.{op}: backend {backend!r}{source} indexes with 32-bit offsets and the inputs or outputs "
+            f"have {numel} elements (limit {INT32_LIMIT}); split the batch or use backend='torch'")
     return backend
 
 

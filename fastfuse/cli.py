@@ -96,8 +96,9 @@ def cmd_bench(args) -> int:
         print("fastfuse bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
     if device == "cpu":
-        print("CPU run: timed with time.perf_counter, torch backend only (the Triton interpreter is not a speed "
-              "path). GPU numbers need a GPU: run `fastfuse bench` on a CUDA machine.", flush=True)
+        print("CPU run: timed with time.perf_counter; fastfuse's cpu backend against the torch reference and the "
+              "installed peers (the Triton interpreter is not a speed path). GPU numbers need a CUDA machine.",
+              flush=True)
     modes = harness.MODES if args.mode == "both" else (args.mode,)
     try:
         result = harness.run(args.ops or None, quick=args.quick, dtypes=args.dtype or ("fp32",), modes=modes,
@@ -125,12 +126,20 @@ def _load_model_and_inputs(args):
     if not isinstance(kwargs, dict):
         raise ValueError("--kwargs must be a JSON object, e.g. '{\"dim\": 64}'")
     model = flops.load_model(args.model, kwargs)
+    if args.device is None:  # a model may name the device it is counted on (SRLFNet: meta, shapes only)
+        args.device = getattr(model, "flops_device", "cpu") if args.command == "flops" else "cpu"
     dtype = _torch_dtype(args.dtype)
     if hasattr(model, "to"):
         model = model.to(device=args.device)
         if args.dtype != "fp32":
             model = model.to(dtype=dtype)
-    inputs = flops.random_inputs(flops.parse_shapes(args.input), args.device, dtype)
+    if args.input:
+        inputs = flops.random_inputs(flops.parse_shapes(args.input), args.device, dtype)
+    elif callable(getattr(model, "example_inputs", None)):  # e.g. SRLFNet: the paper's 512×512 CAVE pair
+        inputs = [t.to(device=args.device, dtype=dtype) for t in model.example_inputs(**kwargs)]
+        args.input = ",".join("x".join(str(d) for d in t.shape) for t in inputs)
+    else:
+        raise ValueError(f"--input is required: {args.model} has no example_inputs() to take shapes from")
     return model, inputs
 
 
@@ -206,13 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", metavar="RESULTS.json", help="only re-render the markdown and plots of a results file")
     p.set_defaults(func=cmd_bench)
 
+    from fastfuse.models.fuse_cli import add_fuse_parser  # `fastfuse fuse argsdiff|daem` (self-supervised)
+    add_fuse_parser(sub)
+
     for name, helptext in (("flops", "FLOPs and parameters of a model, counted as the papers count them"),
                            ("profile", "a torch.profiler trace and top-kernel table of one step")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("model", help="package.module:factory_or_class (called with no args, or --kwargs)")
-        p.add_argument("--input", required=True, help="input shapes, e.g. 1x31x64x64,1x3x256x256 (one tensor each)")
+        p.add_argument("--input", help="input shapes, e.g. 1x31x64x64,1x3x256x256 (one tensor each); default: "
+                                       "the model's example_inputs() where it has one")
         p.add_argument("--kwargs", help="JSON object of keyword arguments for the factory/class")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", help="cpu (default), cuda, or (flops) meta: shapes only, nothing computed, "
+                                        "for models whose ops all have fake kernels; flops defaults to the "
+                                        "model's flops_device where it names one")
         p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32")
         if name == "flops":
             p.add_argument("--convention", choices=("torch", "paper", "vmamba"), default="torch",

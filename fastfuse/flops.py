@@ -44,6 +44,9 @@ Per-op formulas (B batch, C/D channels, L = H·W positions, N state size, k wind
   paper: B·C·(5k² + 10)·H'·W'.
 * sam_map: macs = 3·B·C·H·W (x·y, ‖x‖², ‖y‖²); pointwise = 6·B·H·W (2 square roots, a product,
   a division, the angle, the scaling to degrees). paper: B·(2C + 6)·H·W.
+* channel_attention (per head Cq' × Ck' channels over L pixels): macs = 2·B·h·Cq'·Ck'·L (the Gram
+  matrix and the apply) + B·(Cq + Ck)·L (row norms, when normalising); pointwise = 5·B·h·Cq'·Ck'
+  (rescaling and softmax). paper: 0 (attention between activations).
 * select_points, gather_points: 0 (comparisons and copies). scatter_points: pointwise = B·C·K
   adds for reduce="add", 0 for "replace".
 * spectral_response: macs = B·c·C·H·W. paper: 0.
@@ -187,8 +190,11 @@ def _map_hw(a: _Args, *names: str) -> tuple[int, int, int]:
 
 
 def _low_res(a: _Args, grad_name: str) -> tuple[int, int]:
-    """Spatial size of a degraded image: the incoming gradient's in a backward op, else the output's."""
-    shape = a.shape(grad_name) or a.out_shapes()[0]
+    """Spatial size of a degraded image: the incoming gradient's in a backward op (the first of its
+    `grads` list, the gradient of the degraded output), else the output's."""
+    grads = a.get("grads")
+    shape = (tuple(grads[0].shape) if isinstance(grads, (list, tuple)) and grads else None) or a.shape(grad_name) \
+        or a.out_shapes()[0]
     return shape[-2], shape[-1]
 
 
@@ -284,6 +290,33 @@ def _f_spatial_degrade_sam(a: _Args) -> OpCount:
     return spatial_degrade_count(batch, bands, h, w, _kernel_size(a)) + sam_map_count(batch, bands, h, w)
 
 
+def _f_channel_attention(a: _Args) -> OpCount:
+    """Per head the Gram matrix Q Kᵀ and the apply A V (Cq'·Ck'·L multiply-adds each), the row norms
+    when normalising; the C × C softmax and rescaling as pointwise. paper: 0 (an attention matrix
+    between activations, which SRLF's convention leaves out)."""
+    batch, cq = a.need("q")[:2]
+    ck = a.need("k")[1]
+    length = math.prod(a.need("q")[2:])
+    heads = int(a.get("heads", default=1))
+    pairs = batch * heads * (cq // heads) * (ck // heads)
+    norms = batch * (cq + ck) * length if a.get("normalize", default=True) else 0
+    return OpCount(macs=2 * pairs * length + norms, pointwise=5 * pairs, paper=0)
+
+
+def _f_subspace_guidance(a: _Args) -> OpCount:
+    """The closed form's multiply-adds (shared kernel): the spectral term's R·E, r_Y and its two
+    products; the spatial term's H(A) and adjoint at d bands, the mixing by E and its two products."""
+    batch, d, h_full, w_full = a.need("A")
+    bands = a.need("E")[-2]
+    msi = a.need("R")[0]
+    k = _kernel_size(a)
+    ratio = int(a.get("ratio", default=1))
+    low = batch * (h_full // ratio) * (w_full // ratio)
+    spectral = 2 * msi * bands * d + 3 * batch * h_full * w_full * msi * d
+    spatial = 2 * low * d * k * k + 3 * low * bands * d
+    return OpCount(macs=spectral + spatial, pointwise=batch * h_full * w_full * msi + low * bands)
+
+
 FORMULAS: dict[str, Callable[[_Args], OpCount]] = {
     "selective_scan": _f_selective_scan,
     "cross_selective_scan": _f_cross_selective_scan,
@@ -302,6 +335,8 @@ FORMULAS: dict[str, Callable[[_Args], OpCount]] = {
     "spatial_degrade_adjoint": _f_spatial_degrade_adjoint,
     "spectral_response_ssim": _f_spectral_response_ssim,
     "spatial_degrade_sam": _f_spatial_degrade_sam,
+    "subspace_guidance": _f_subspace_guidance,
+    "channel_attention": _f_channel_attention,
 }
 BACKWARD_FACTOR = 2
 # Backward ops that are pure data movement whatever their forward does (a gather's backward is
@@ -429,6 +464,12 @@ _ATTENTION_OPS = ("_scaled_dot_product", "_flash_attention", "_efficient_attenti
                   "flex_attention", "_varlen_attn")
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """The identity of t's storage: its StorageImpl, not its data pointer, so that counting on
+    the meta device (every data pointer 0, nothing computed) still tells weights from activations."""
+    return t.untyped_storage()._cdata
+
+
 def _aten_mapping(convention: str, param_storages: set) -> dict:
     """Wrap torch's own formulas for the MAC-based conventions (every one is multiply-add based)."""
     if convention == "torch":
@@ -438,7 +479,7 @@ def _aten_mapping(convention: str, param_storages: set) -> dict:
         for t in args:
             if isinstance(t, torch.Tensor):
                 try:
-                    if t.untyped_storage().data_ptr() in param_storages:
+                    if _storage_key(t) in param_storages:
                         return True
                 except (RuntimeError, NotImplementedError):
                     continue
@@ -469,7 +510,7 @@ def count_flops(model: Callable, inputs: Sequence[torch.Tensor], convention: str
     param_storages = set()
     for p in params:
         try:
-            param_storages.add(p.untyped_storage().data_ptr())
+            param_storages.add(_storage_key(p))
         except (RuntimeError, NotImplementedError):
             pass
     mapping = _aten_mapping(convention, param_storages)

@@ -72,3 +72,32 @@ def test_a_kernel_module_that_fails_to_import_is_reported(toy_op, monkeypatch):
     reason = backends.unavailable_reason(toy_op, "triton", CPU)
     assert "fastfuse.triton.no_such_module failed to import" in reason
     assert backends.resolve(toy_op, "auto", CPU, 100) == "torch"
+
+
+def test_backend_must_be_a_string(toy_op):
+    for bad in (None, 1, torch.device("cpu")):
+        with pytest.raises(TypeError, match="backend must be a string"):
+            backends.resolve(toy_op, bad, CPU, 10)
+    import fastfuse
+    with pytest.raises(TypeError, match=r"fastfuse.sam_map: backend must be a string.*got None"):
+        fastfuse.sam_map(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1), backend=None)
+
+
+def test_environment_backend_is_case_insensitive_and_a_typo_is_an_error(toy_op, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for value, chosen in (("TORCH", "torch"), (" Triton ", "triton"), ("", "triton"), ("AUTO", "triton")):
+        monkeypatch.setenv("FASTFUSE_BACKEND", value)
+        assert backends.resolve(toy_op, "auto", CPU, 100) == chosen, value
+    monkeypatch.setenv("FASTFUSE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="environment variable FASTFUSE_BACKEND='bogus' is not a backend"):
+        backends.resolve(toy_op, "auto", CPU, 100)
+    # An explicit backend= does not read the environment.
+    assert backends.resolve(toy_op, "torch", CPU, 100) == "torch"
+
+
+def test_environment_backend_that_cannot_serve_names_the_variable(toy_op, monkeypatch):
+    backends.register(toy_op, "cuda", "fastfuse.cuda.sam:sam_map_forward")
+    monkeypatch.setenv("FASTFUSE_BACKEND", "cuda")
+    with pytest.raises(backends.BackendUnavailableError,
+                       match="'cuda' \\(set by the environment variable FASTFUSE_BACKEND\\).*needs CUDA tensors"):
+        backends.resolve(toy_op, "auto", CPU, 100)

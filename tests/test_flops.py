@@ -115,7 +115,7 @@ def test_backward_ops_count_twice_the_forward():
     forward = flops._op_counter("sam_map", torch.ops.fastfuse.sam_map)
     backward = flops._op_counter("sam_map_backward", torch.ops.fastfuse.sam_map_backward)
     fwd = forward(x, y, True, 1e-8, "auto", out_val=torch.empty(1, 3, 3))
-    bwd = backward(torch.empty(1, 3, 3), x, y, True, 1e-8, "auto", out_val=(x, y))
+    bwd = backward([torch.empty(1, 3, 3)], [], [True, True], x, y, True, 1e-8, "auto", out_val=[x, y])
     assert bwd == fwd.scaled(2) and fwd.total("torch") > 0
 
 

@@ -592,7 +592,7 @@ def test_gpu_cuda_scan_against_reference(dtype, length, groups):
     dev = {k: None if v is None else v.cuda() for k, v in inputs.items()}
     order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     out, last, states = cuda_scan.selective_scan_forward(*(dev[k] for k in order), True, 64)
-    grads = cuda_scan.selective_scan_backward(dout.cuda(), dlast.cuda(), *(dev[k] for k in order), states, True, 64)
+    grads = cuda_scan.selective_scan_backward(dout.cuda(), dlast.cuda(), *(dev[k] for k in order), True, 64, states)
     got = dict(out=out.cpu(), last=last.cpu(), states=states.cpu(),
                grads={k: None if v is None else v.cpu() for k, v in zip(order, grads)})
     compare(got, want, dtype)

@@ -23,8 +23,17 @@ Kernel conventions (every backend of every op, so that one declaration serves th
 
 `saved_outputs` names forward outputs (by index) that only the backward needs, such as the chunk
 states of the selective scan: they are marked non-differentiable and passed to the backward kernel.
-`resolve(args, backend) -> name` replaces the registry's default choice when an op must look at
-its arguments to pick a backend (a window size a kernel cannot take, float64 inputs).
+`resolve(args, backend, numel) -> name` replaces the registry's default choice when an op must
+look at its arguments to pick a backend (a window size a kernel cannot take, float64 inputs).
+`backward(spec, args, grads, needs) -> grads` replaces the backward op in autograd for ops whose
+gradient is another op (cross_scan's is cross_merge; a fused op's is a plain op's backward): it
+must be built from differentiable calls, which then give double backward too.
+
+Calling the OpDefinition (what the public function does) checks `backend` and refuses forward-mode
+AD (torch.func.jvp, torch.autograd.forward_ad) and the other torch.func transforms with an error
+naming the op: the custom ops have no forward-mode formula, and without the check the tangents
+would silently be zero. The 32-bit refusal counts the largest tensor the kernels index, inputs and
+outputs (the fake kernel gives the output shapes).
 """
 from __future__ import annotations
 
@@ -33,6 +42,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+
+import torch.autograd.forward_ad as forward_ad
 
 from fastfuse import backends
 from fastfuse.ops._autograd import _autograd_recording, reference_vjp
@@ -48,22 +59,53 @@ class OpDefinition:
     saved_outputs: tuple[int, ...]
     pass_needs: bool
     resolve: Optional[Callable]
+    fake: Callable
+    backward_hook: Optional[Callable] = None
     forward_op: object = None
     backward_op: object = None
 
+    def __call__(self, *call):
+        """The public entry: `op(*args, backend)` after the checks no dispatcher error would explain."""
+        backends.check_backend_argument(self.name, call[-1])
+        if not torch.compiler.is_compiling():  # dynamo traces neither transforms nor dual tensors here
+            _refuse_transforms(self.name, [call[i] for i in self.tensor_args])
+        return self.forward_op(*call)
+
     def backend_for(self, args: Sequence, backend: str) -> str:
+        numel = self.numel(args)
         if self.resolve is not None:
-            return self.resolve(args, backend)
-        like = self.like(args)
-        return backends.resolve(self.name, backend, like.device, _numel(args, self.tensor_args))
+            return self.resolve(args, backend, numel)
+        return backends.resolve(self.name, backend, self.like(args).device, numel)
 
     def like(self, args: Sequence) -> torch.Tensor:
         return next(args[i] for i in self.tensor_args if args[i] is not None)
 
+    def numel(self, args: Sequence) -> int:
+        """The largest tensor the kernels will index: every input, and every output (an adjoint or
+        an upsampling can be larger than its inputs), shaped by the fake kernel on meta tensors."""
+        largest = max((args[i].numel() for i in self.tensor_args if args[i] is not None), default=0)
+        if largest == 0:
+            return 0
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        outs = self.fake(*meta)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return max([largest, *(o.numel() for o in outs)])
 
-def _numel(args: Sequence, indices: Sequence[int]) -> int:
-    """The largest tensor the kernels will index: the 32-bit limit applies to every input."""
-    return max((args[i].numel() for i in indices if args[i] is not None), default=0)
+
+def _refuse_transforms(name: str, tensors: Sequence) -> None:
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    transforms = {i.key() for i in stack}
+    dual = forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if dual or torch._C._functorch.TransformType.Jvp in transforms:
+        raise NotImplementedError(
+            f"forward-mode AD is not supported by fastfuse.{name} (torch.func.jvp, torch.autograd.forward_ad): "
+            "the op has no forward-mode formula; use reverse mode (loss.backward(), torch.autograd.grad), "
+            "or the differentiable formulas of fastfuse.reference")
+    if transforms:
+        raise NotImplementedError(
+            f"torch.func transforms ({', '.join(sorted(str(t).rpartition('.')[2] for t in transforms))}) are not "
+            f"supported by fastfuse.{name}; use torch.autograd.grad or loss.backward() for gradients")
 
 
 _SCHEMA_TYPES = {torch.Tensor: "Tensor", Optional[torch.Tensor]: "Tensor?"}
@@ -94,7 +136,7 @@ def _like_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def define_op(name: str, *, differentiable: Sequence[str], fake: Callable,
               saved_outputs: Sequence[int] = (), pass_needs: bool = False,
-              resolve: Optional[Callable] = None) -> Callable:
+              resolve: Optional[Callable] = None, backward: Optional[Callable] = None) -> Callable:
     """Register `fastfuse::<name>` and `fastfuse::<name>_backward` from a prototype; returns the
     OpDefinition (its `forward_op` is what the public function calls)."""
 
@@ -109,7 +151,7 @@ def define_op(name: str, *, differentiable: Sequence[str], fake: Callable,
         ret = signature.return_annotation
         n_outputs = len(getattr(ret, "__args__", ())) if getattr(ret, "__origin__", None) is tuple else 1
         spec = OpDefinition(name, arg_names, tensor_args, tuple(arg_names.index(a) for a in differentiable),
-                            n_outputs, tuple(saved_outputs), pass_needs, resolve)
+                            n_outputs, tuple(saved_outputs), pass_needs, resolve, fake, backward)
         schema = _insert_backend(torch.library.infer_schema(prototype, mutates_args=()))
         _register_forward(spec, schema, fake)
         _register_backward(spec, schema)
@@ -121,6 +163,8 @@ def define_op(name: str, *, differentiable: Sequence[str], fake: Callable,
 def _register_forward(spec: OpDefinition, schema: str, fake: Callable) -> None:
     def forward(*call):
         *args, backend = call
+        if _all_outputs_empty(spec, args):  # nothing to compute (C = 0, B = 0): no kernel need handle it
+            return _contiguous(fake(*args))
         kernel = backends.kernel(spec.name, spec.backend_for(args, backend), "forward")
         return _contiguous(kernel(*args))
 
@@ -134,6 +178,8 @@ def _register_forward(spec: OpDefinition, schema: str, fake: Callable) -> None:
             ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(*(inputs[i] for i in spec.tensor_args), *saved)
         ctx.plain = {i: inputs[i] for i in range(len(inputs)) if i not in spec.tensor_args}
+        # An output whose gradient is None gets zeros of its shape: kernels index every gradient.
+        ctx.out_meta = [(o.shape, o.dtype, o.device) for k, o in enumerate(outputs) if k not in spec.saved_outputs]
 
     def backward(ctx, *grads):
         stored = ctx.saved_tensors
@@ -147,8 +193,13 @@ def _register_forward(spec: OpDefinition, schema: str, fake: Callable) -> None:
         needs = [bool(ctx.needs_input_grad[i]) for i in spec.differentiable]
         if not any(needs):
             return (None,) * (len(args) + 1)
-        grads = [torch.zeros(()) if g is None else g for g in grads]
-        computed = spec.backward_op(grads, list(saved), needs, *args, backend)
+        grads = [g for k, g in enumerate(grads) if k not in spec.saved_outputs]
+        grads = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                 for g, (shape, dtype, device) in zip(grads, ctx.out_meta)]
+        if spec.backward_hook is not None:
+            computed = spec.backward_hook(spec, args + [backend], grads, needs)
+        else:
+            computed = spec.backward_op(grads, list(saved), needs, *args, backend)
         result: list = [None] * (len(args) + 1)
         for i, need, g in zip(spec.differentiable, needs, computed):
             result[i] = g if need else None
@@ -164,9 +215,12 @@ def _register_backward(spec: OpDefinition, forward_schema: str) -> None:
 
     def backward(grads, saved, needs, *call):
         *args, backend = call
+        diff = [args[i] for i in spec.differentiable]
+        if _all_outputs_empty(spec, args):  # an empty output: every gradient is zero
+            return [torch.zeros_like(t) if need and t is not None else _empty_for(t, args, spec)
+                    for t, need in zip(diff, needs)]
         name = spec.backend_for(args, backend)
         kernel = backends.kernel(spec.name, name, "backward")
-        diff = [args[i] for i in spec.differentiable]
         if kernel is None:
             torch_forward = backends.kernel(spec.name, "torch", "forward")
             computed = reference_vjp(torch_forward, args, grads, needs=_needs_per_arg(spec, needs))
@@ -186,6 +240,11 @@ def _register_backward(spec: OpDefinition, forward_schema: str) -> None:
     op.register_fake(fake)
     op.register_autograd(_double_backward(spec), setup_context=_double_backward_setup)
     spec.backward_op = op
+
+
+def _all_outputs_empty(spec: OpDefinition, args: Sequence) -> bool:
+    outs = spec.fake(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    return all(o.numel() == 0 for o in (outs if isinstance(outs, (tuple, list)) else (outs,)))
 
 
 def _empty_for(t: Optional[torch.Tensor], args: Sequence, spec: OpDefinition) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Public `cross_scan`, `cross_merge` and `cross_selective_scan`: checks, backend dispatch and the
-torch.library registration.
+op declarations.
 
 cross_scan and cross_merge are linear and each other's adjoint, so each one's backward is a call
-of the other custom op: no separate backward op, and double backward comes for free.
+of the other op (define_op's `backward=` hook), and double backward comes for free.
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 
 from fastfuse import backends
 from fastfuse._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from fastfuse.ops._autograd import none_if_absent, reference_vjp
-from fastfuse.reference import cross_scan as reference
+from fastfuse.ops._define import define_op
 
 SCAN, MERGE, CSS = "cross_scan", "cross_merge", "cross_selective_scan"
 K_DIRECTIONS = 4
@@ -31,123 +30,54 @@ for _op in (SCAN, MERGE, CSS):
     backends.set_preference(_op, ("triton", "torch"))
 
 
-# ----------------------------------------------------------------------------------- cross_scan
-@torch.library.custom_op("fastfuse::cross_scan", mutates_args=())
-def _cross_scan(x: torch.Tensor, channel_last: bool, backend: str) -> torch.Tensor:
-    return backends.forward_kernel(SCAN, backend, x)(x, channel_last)
-
-
-@_cross_scan.register_fake
-def _(x, channel_last, backend):
+# ---------------------------------------------------------------------- cross_scan, cross_merge
+def _scan_fake(x, channel_last):
     B, C, H, W = (x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if channel_last else x.shape
     return x.new_empty((B, K_DIRECTIONS, C, H * W))
 
 
-def _cross_scan_setup(ctx, inputs, output):
-    x, channel_last, backend = inputs
-    ctx.image_shape = x.shape
-    ctx.args = (channel_last, backend)
-
-
-def _cross_scan_backward(ctx, grad):
-    channel_last, backend = ctx.args
-    H, W = (ctx.image_shape[1], ctx.image_shape[2]) if channel_last else (ctx.image_shape[2], ctx.image_shape[3])
-    B, K, C, _ = grad.shape
-    dx = torch.ops.fastfuse.cross_merge(grad.reshape(B, K, C, H, W), channel_last, backend)
-    return dx.reshape(ctx.image_shape), None, None
-
-
-_cross_scan.register_autograd(_cross_scan_backward, setup_context=_cross_scan_setup)
-
-
-# ---------------------------------------------------------------------------------- cross_merge
-@torch.library.custom_op("fastfuse::cross_merge", mutates_args=())
-def _cross_merge(ys: torch.Tensor, channel_last: bool, backend: str) -> torch.Tensor:
-    return backends.forward_kernel(MERGE, backend, ys)(ys, channel_last)
-
-
-@_cross_merge.register_fake
-def _(ys, channel_last, backend):
+def _merge_fake(ys, channel_last):
     B, _, C, H, W = ys.shape
     return ys.new_empty((B, H * W, C) if channel_last else (B, C, H * W))
 
 
-def _cross_merge_setup(ctx, inputs, output):
-    ys, channel_last, backend = inputs
-    ctx.seq_shape = ys.shape
-    ctx.args = (channel_last, backend)
+def _scan_backward(spec, args, grads, needs):
+    """d x of cross_scan is cross_merge of the gradient (a custom op with its own autograd)."""
+    x, channel_last, backend = args
+    H, W = (x.shape[1], x.shape[2]) if channel_last else (x.shape[2], x.shape[3])
+    B, K, C, _ = grads[0].shape
+    dx = _cross_merge.forward_op(grads[0].reshape(B, K, C, H, W), channel_last, backend)
+    return [dx.reshape(x.shape)]
 
 
-def _cross_merge_backward(ctx, grad):
-    channel_last, backend = ctx.args
-    B, K, C, H, W = ctx.seq_shape
-    image = grad.reshape((B, H, W, C) if channel_last else (B, C, H, W))
-    dys = torch.ops.fastfuse.cross_scan(image, channel_last, backend)
-    return dys.reshape(ctx.seq_shape), None, None
+def _merge_backward(spec, args, grads, needs):
+    """d ys of cross_merge is cross_scan of the gradient."""
+    ys, channel_last, backend = args
+    B, K, C, H, W = ys.shape
+    image = grads[0].reshape((B, H, W, C) if channel_last else (B, C, H, W))
+    return [_cross_scan.forward_op(image, channel_last, backend).reshape(ys.shape)]
 
 
-_cross_merge.register_autograd(_cross_merge_backward, setup_context=_cross_merge_setup)
+@define_op(SCAN, differentiable=("x",), fake=_scan_fake, backward=_scan_backward)
+def _cross_scan(x: torch.Tensor, channel_last: bool) -> torch.Tensor: ...
+
+
+@define_op(MERGE, differentiable=("ys",), fake=_merge_fake, backward=_merge_backward)
+def _cross_merge(ys: torch.Tensor, channel_last: bool) -> torch.Tensor: ...
 
 
 # ------------------------------------------------------------------------ cross_selective_scan
-@torch.library.custom_op("fastfuse::cross_selective_scan", mutates_args=())
-def _cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor],
-                          dt_projs_weight: torch.Tensor, dt_projs_bias: torch.Tensor, A_logs: torch.Tensor,
-                          Ds: torch.Tensor, delta_softplus: bool, out_dtype: Optional[torch.dtype],
-                          channel_last: bool, backend: str) -> torch.Tensor:
-    kernel = backends.forward_kernel(CSS, backend, x)
-    return kernel(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                  delta_softplus, out_dtype, channel_last)
-
-
-@_cross_selective_scan.register_fake
-def _(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds, delta_softplus, out_dtype,
-      channel_last, backend):
+def _css_fake(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds, delta_softplus, out_dtype,
+              channel_last):
     return x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype)
 
 
-@torch.library.custom_op("fastfuse::cross_selective_scan_backward", mutates_args=())
-def _cross_selective_scan_backward(
-        grad: torch.Tensor, x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor],
-        dt_projs_weight: torch.Tensor, dt_projs_bias: torch.Tensor, A_logs: torch.Tensor, Ds: torch.Tensor,
-        delta_softplus: bool, out_dtype: Optional[torch.dtype], channel_last: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    inputs = (x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds)
-    kernel = backends.backward_kernel(CSS, backend, x)
-    if kernel is None:
-        grads = reference_vjp(reference.cross_selective_scan, inputs, (grad,), delta_softplus=delta_softplus,
-                              out_dtype=out_dtype, channel_last=channel_last)
-    else:
-        grads = list(kernel(grad, *inputs, delta_softplus, out_dtype, channel_last))
-    if x_proj_bias is None:
-        grads[2] = x.new_empty(0)  # the placeholder must live on x's device, as the fake says
-    return tuple(grads)
-
-
-@_cross_selective_scan_backward.register_fake
-def _(grad, x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds, delta_softplus, out_dtype,
-      channel_last, backend):
-    bias_grad = x.new_empty(0) if x_proj_bias is None else torch.empty_like(x_proj_bias)
-    return (torch.empty_like(x), torch.empty_like(x_proj_weight), bias_grad, torch.empty_like(dt_projs_weight),
-            torch.empty_like(dt_projs_bias), torch.empty_like(A_logs), torch.empty_like(Ds))
-
-
-def _css_setup(ctx, inputs, output):
-    *tensors, delta_softplus, out_dtype, channel_last, backend = inputs
-    ctx.has_bias = tensors[2] is not None
-    ctx.save_for_backward(*[t for t in tensors if t is not None])
-    ctx.args = (delta_softplus, out_dtype, channel_last, backend)
-
-
-def _css_backward(ctx, grad):
-    tensors = list(ctx.saved_tensors)
-    if not ctx.has_bias:
-        tensors.insert(2, None)
-    grads = torch.ops.fastfuse.cross_selective_scan_backward(grad, *tensors, *ctx.args)
-    return (*none_if_absent(grads, tensors), None, None, None, None)
-
-
-_cross_selective_scan.register_autograd(_css_backward, setup_context=_css_setup)
+@define_op(CSS, differentiable=("x", "x_proj_weight", "x_proj_bias", "dt_projs_weight", "dt_projs_bias", "A_logs",
+                                "Ds"), fake=_css_fake)
+def _cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor],
+                          dt_projs_weight: torch.Tensor, dt_projs_bias: torch.Tensor, A_logs: torch.Tensor,
+                          Ds: torch.Tensor, delta_softplus: bool, out_dtype: Optional[torch.dtype],
+                          channel_last: bool) -> torch.Tensor: ...
 
 
 # ------------------------------------------------------------------------------- public API
@@ -175,7 +105,7 @@ def cross_scan(x: torch.Tensor, *, channel_last: bool = False, backend: str = "a
     """
     _check_flag(SCAN, "channel_last", channel_last)
     _image_dims(SCAN, "x", x, channel_last)
-    return torch.ops.fastfuse.cross_scan(x, channel_last, backend)
+    return _cross_scan(x, channel_last, backend)
 
 
 def cross_merge(ys: torch.Tensor, *, channel_last: bool = False, backend: str = "auto") -> torch.Tensor:
@@ -189,7 +119,7 @@ def cross_merge(ys: torch.Tensor, *, channel_last: bool = False, backend: str = 
     if ys.shape[1] != K_DIRECTIONS:
         raise ValueError(f"fastfuse.{MERGE}: ys must have shape (B, 4, C, H, W) with 4 scan directions in dim 1, "
                          f"got {tuple(ys.shape)}")
-    return torch.ops.fastfuse.cross_merge(ys, channel_last, backend)
+    return _cross_merge(ys, channel_last, backend)
 
 
 def cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor],
@@ -229,5 +159,5 @@ def cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bi
                       dt_projs_weight=dt_projs_weight, dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastfuse.{fn}: out_dtype must be None or one of {FLOAT_DTYPES}, got {out_dtype!r}")
-    return torch.ops.fastfuse.cross_selective_scan(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias,
-                                                   A_logs, Ds, delta_softplus, out_dtype, channel_last, backend)
+    return _cross_selective_scan(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                                 delta_softplus, out_dtype, channel_last, backend)

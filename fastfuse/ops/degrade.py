@@ -16,7 +16,7 @@ import torch
 
 from fastfuse import backends
 from fastfuse._checks import (check_choice, check_positive, check_same_device, check_same_dtype, check_tensor)
-from fastfuse.ops._autograd import reference_vjp
+from fastfuse.ops._define import define_op
 from fastfuse.reference import degrade as reference
 
 RESPONSE, DEGRADE, ADJOINT, RESPONSE_SSIM, DEGRADE_SAM = (
@@ -29,21 +29,6 @@ for _op in (RESPONSE, DEGRADE, ADJOINT, DEGRADE_SAM, RESPONSE_SSIM):
     backends.register(_op, "torch", f"{_R}:{_op}")
     backends.register(_op, "triton", f"{_T}:{_op}_forward", f"{_T}:{_op}_backward")
     backends.set_preference(_op, ("triton", "torch"))
-
-
-def _backward_kernel(op: str, backend: str, like: torch.Tensor):
-    """The backward implementation serving this call, or None for the reference's VJP."""
-    return backends.backward_kernel(op, backend, like)
-
-
-def _grad_or_empty(grads, inputs):
-    """Custom ops cannot return None: empty placeholders for gradients not computed."""
-    return tuple(torch.empty(0, device=t.device, dtype=t.dtype) if g is None else g.contiguous()
-                 for g, t in zip(grads, inputs))
-
-
-def _needed(grads, needs):
-    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,46 +73,9 @@ def _check_blur(fn: str, kernel, ratio, padding, offset, channels: int, size: Se
 # ---------------------------------------------------------------------------------------------
 # spectral_response
 
-@torch.library.custom_op("fastfuse::spectral_response", mutates_args=())
-def _spectral_response(z: torch.Tensor, R: torch.Tensor, backend: str) -> torch.Tensor:
-    return backends.forward_kernel(RESPONSE, backend, z)(z, R).contiguous()
-
-
-@_spectral_response.register_fake
-def _(z, R, backend):
-    return z.new_empty((z.shape[0], R.shape[0], z.shape[2], z.shape[3]))
-
-
-@torch.library.custom_op("fastfuse::spectral_response_backward", mutates_args=())
-def _spectral_response_backward(grad: torch.Tensor, z: torch.Tensor, R: torch.Tensor, need_z: bool,
-                                need_R: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    kernel = _backward_kernel(RESPONSE, backend, z)
-    if kernel is None:
-        grads = _needed(reference_vjp(reference.spectral_response, (z, R), (grad,)), (need_z, need_R))
-    else:
-        grads = kernel(grad, z, R, need_z, need_R)
-    return _grad_or_empty(grads, (z, R))
-
-
-@_spectral_response_backward.register_fake
-def _(grad, z, R, need_z, need_R, backend):
-    return (torch.empty_like(z) if need_z else z.new_empty(0)), (torch.empty_like(R) if need_R else R.new_empty(0))
-
-
-def _spectral_response_setup(ctx, inputs, output):
-    z, R, backend = inputs
-    ctx.save_for_backward(z, R)
-    ctx.backend = backend
-
-
-def _spectral_response_bwd(ctx, grad):
-    z, R = ctx.saved_tensors
-    need_z, need_R = ctx.needs_input_grad[:2]
-    dz, dR = torch.ops.fastfuse.spectral_response_backward(grad, z, R, need_z, need_R, ctx.backend)
-    return (dz if need_z else None), (dR if need_R else None), None
-
-
-_spectral_response.register_autograd(_spectral_response_bwd, setup_context=_spectral_response_setup)
+@define_op(RESPONSE, differentiable=("z", "R"), pass_needs=True,
+           fake=lambda z, R: z.new_empty((z.shape[0], R.shape[0], z.shape[2], z.shape[3])))
+def _spectral_response(z: torch.Tensor, R: torch.Tensor) -> torch.Tensor: ...
 
 
 def _check_response(fn: str, z, R) -> None:
@@ -151,54 +99,11 @@ def spectral_response(z: torch.Tensor, R: torch.Tensor, *, backend: str = "auto"
 # ---------------------------------------------------------------------------------------------
 # spatial_degrade
 
-@torch.library.custom_op("fastfuse::spatial_degrade", mutates_args=())
-def _spatial_degrade(z: torch.Tensor, kernel: torch.Tensor, ratio: int, padding: str, offset: list[int],
-                     backend: str) -> torch.Tensor:
-    return backends.forward_kernel(DEGRADE, backend, z)(z, kernel, ratio, padding, list(offset)).contiguous()
-
-
-@_spatial_degrade.register_fake
-def _(z, kernel, ratio, padding, offset, backend):
-    return z.new_empty((z.shape[0], z.shape[1], z.shape[2] // ratio, z.shape[3] // ratio))
-
-
-@torch.library.custom_op("fastfuse::spatial_degrade_backward", mutates_args=())
-def _spatial_degrade_backward(grad: torch.Tensor, z: torch.Tensor, kernel: torch.Tensor, ratio: int, padding: str,
-                              offset: list[int], need_z: bool, need_kernel: bool,
-                              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    kernel_fn = _backward_kernel(DEGRADE, backend, z)
-    offset = list(offset)
-    if kernel_fn is None:
-        grads = reference_vjp(reference.spatial_degrade, (z, kernel), (grad,), ratio=ratio, padding=padding,
-                              offset=offset)
-        grads = _needed(grads, (need_z, need_kernel))
-    else:
-        grads = kernel_fn(grad, z, kernel, ratio, padding, offset, need_z, need_kernel)
-    return _grad_or_empty(grads, (z, kernel))
-
-
-@_spatial_degrade_backward.register_fake
-def _(grad, z, kernel, ratio, padding, offset, need_z, need_kernel, backend):
-    return ((torch.empty_like(z) if need_z else z.new_empty(0)),
-            (torch.empty_like(kernel) if need_kernel else kernel.new_empty(0)))
-
-
-def _spatial_degrade_setup(ctx, inputs, output):
-    z, kernel, ratio, padding, offset, backend = inputs
-    ctx.save_for_backward(z, kernel)
-    ctx.args = (ratio, padding, offset)
-    ctx.backend = backend
-
-
-def _spatial_degrade_bwd(ctx, grad):
-    z, kernel = ctx.saved_tensors
-    need_z, need_kernel = ctx.needs_input_grad[:2]
-    dz, dk = torch.ops.fastfuse.spatial_degrade_backward(grad, z, kernel, *ctx.args, need_z, need_kernel,
-                                                         ctx.backend)
-    return (dz if need_z else None), (dk if need_kernel else None), None, None, None, None
-
-
-_spatial_degrade.register_autograd(_spatial_degrade_bwd, setup_context=_spatial_degrade_setup)
+@define_op(DEGRADE, differentiable=("z", "kernel"), pass_needs=True,
+           fake=lambda z, kernel, ratio, padding, offset: z.new_empty(
+               (z.shape[0], z.shape[1], z.shape[2] // ratio, z.shape[3] // ratio)))
+def _spatial_degrade(z: torch.Tensor, kernel: torch.Tensor, ratio: int, padding: str,
+                     offset: list[int]) -> torch.Tensor: ...
 
 
 def spatial_degrade(z: torch.Tensor, kernel: torch.Tensor, ratio: int, *, padding: str = "circular",
@@ -226,55 +131,10 @@ def spatial_degrade(z: torch.Tensor, kernel: torch.Tensor, ratio: int, *, paddin
 # ---------------------------------------------------------------------------------------------
 # spatial_degrade_adjoint
 
-@torch.library.custom_op("fastfuse::spatial_degrade_adjoint", mutates_args=())
+@define_op(ADJOINT, differentiable=("x", "kernel"), pass_needs=True,
+           fake=lambda x, kernel, ratio, size, padding, offset: x.new_empty((x.shape[0], x.shape[1], size[0], size[1])))
 def _spatial_degrade_adjoint(x: torch.Tensor, kernel: torch.Tensor, ratio: int, size: list[int], padding: str,
-                             offset: list[int], backend: str) -> torch.Tensor:
-    impl = backends.forward_kernel(ADJOINT, backend, x)
-    return impl(x, kernel, ratio, list(size), padding, list(offset)).contiguous()
-
-
-@_spatial_degrade_adjoint.register_fake
-def _(x, kernel, ratio, size, padding, offset, backend):
-    return x.new_empty((x.shape[0], x.shape[1], size[0], size[1]))
-
-
-@torch.library.custom_op("fastfuse::spatial_degrade_adjoint_backward", mutates_args=())
-def _spatial_degrade_adjoint_backward(grad: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, ratio: int,
-                                      size: list[int], padding: str, offset: list[int], need_x: bool,
-                                      need_kernel: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    kernel_fn = _backward_kernel(ADJOINT, backend, grad)
-    size, offset = list(size), list(offset)
-    if kernel_fn is None:
-        grads = reference_vjp(reference.spatial_degrade_adjoint, (x, kernel), (grad,), ratio=ratio, size=size,
-                              padding=padding, offset=offset)
-        grads = _needed(grads, (need_x, need_kernel))
-    else:
-        grads = kernel_fn(grad, x, kernel, ratio, size, padding, offset, need_x, need_kernel)
-    return _grad_or_empty(grads, (x, kernel))
-
-
-@_spatial_degrade_adjoint_backward.register_fake
-def _(grad, x, kernel, ratio, size, padding, offset, need_x, need_kernel, backend):
-    return ((torch.empty_like(x) if need_x else x.new_empty(0)),
-            (torch.empty_like(kernel) if need_kernel else kernel.new_empty(0)))
-
-
-def _adjoint_setup(ctx, inputs, output):
-    x, kernel, ratio, size, padding, offset, backend = inputs
-    ctx.save_for_backward(x, kernel)
-    ctx.args = (ratio, size, padding, offset)
-    ctx.backend = backend
-
-
-def _adjoint_bwd(ctx, grad):
-    x, kernel = ctx.saved_tensors
-    need_x, need_kernel = ctx.needs_input_grad[:2]
-    dx, dk = torch.ops.fastfuse.spatial_degrade_adjoint_backward(grad, x, kernel, *ctx.args, need_x, need_kernel,
-                                                                 ctx.backend)
-    return (dx if need_x else None), (dk if need_kernel else None), None, None, None, None, None
-
-
-_spatial_degrade_adjoint.register_autograd(_adjoint_bwd, setup_context=_adjoint_setup)
+                             offset: list[int]) -> torch.Tensor: ...
 
 
 def spatial_degrade_adjoint(x: torch.Tensor, kernel: torch.Tensor, ratio: int, size: Sequence[int], *,
@@ -306,73 +166,14 @@ def spatial_degrade_adjoint(x: torch.Tensor, kernel: torch.Tensor, ratio: int, s
 # ---------------------------------------------------------------------------------------------
 # spatial_degrade_sam
 
-@torch.library.custom_op("fastfuse::spatial_degrade_sam", mutates_args=())
-def _spatial_degrade_sam(z: torch.Tensor, kernel: torch.Tensor, ratio: int, x: torch.Tensor, padding: str,
-                         offset: list[int], degrees: bool, eps: float,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.forward_kernel(DEGRADE_SAM, backend, z)
-    x_pseudo, sam = impl(z, kernel, ratio, x, padding, list(offset), degrees, eps)
-    return x_pseudo.contiguous(), sam.contiguous()
-
-
-@_spatial_degrade_sam.register_fake
-def _(z, kernel, ratio, x, padding, offset, degrees, eps, backend):
+def _degrade_sam_fake(z, kernel, ratio, x, padding, offset, degrees, eps):
     B, C, H, W = z.shape
     return z.new_empty((B, C, H // ratio, W // ratio)), z.new_empty((B, H // ratio, W // ratio))
 
 
-def _degrade_sam_inputs_first(z, kernel, x, ratio, padding, offset, degrees, eps):
-    # reference_vjp passes the differentiable inputs positionally.
-    return reference.spatial_degrade_sam(z, kernel, ratio, x, padding, offset, degrees, eps)
-
-
-@torch.library.custom_op("fastfuse::spatial_degrade_sam_backward", mutates_args=())
-def _spatial_degrade_sam_backward(grad_x_pseudo: torch.Tensor, grad_sam: torch.Tensor, z: torch.Tensor,
-                                  kernel: torch.Tensor, x: torch.Tensor, ratio: int, padding: str, offset: list[int],
-                                  degrees: bool, eps: float, need_z: bool, need_kernel: bool, need_x: bool,
-                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernel_fn = _backward_kernel(DEGRADE_SAM, backend, z)
-    offset = list(offset)
-    if kernel_fn is None:
-        grads = reference_vjp(_degrade_sam_inputs_first, (z, kernel, x), (grad_x_pseudo, grad_sam),
-                              ratio=ratio, padding=padding, offset=offset, degrees=degrees, eps=eps)
-        grads = _needed(grads, (need_z, need_kernel, need_x))
-    else:
-        grads = kernel_fn(grad_x_pseudo, grad_sam, z, kernel, x, ratio, padding, offset, degrees, eps,
-                          need_z, need_kernel, need_x)
-    return _grad_or_empty(grads, (z, kernel, x))
-
-
-@_spatial_degrade_sam_backward.register_fake
-def _(grad_x_pseudo, grad_sam, z, kernel, x, ratio, padding, offset, degrees, eps, need_z, need_kernel, need_x,
-      backend):
-    return tuple(torch.empty_like(t) if need else t.new_empty(0)
-                 for t, need in ((z, need_z), (kernel, need_kernel), (x, need_x)))
-
-
-def _degrade_sam_setup(ctx, inputs, output):
-    z, kernel, ratio, x, padding, offset, degrees, eps, backend = inputs
-    ctx.save_for_backward(z, kernel, x)
-    ctx.args = (ratio, padding, offset, degrees, eps)
-    ctx.backend = backend
-
-
-def _degrade_sam_bwd(ctx, grad_x_pseudo, grad_sam):
-    z, kernel, x = ctx.saved_tensors
-    need_z, need_kernel, _, need_x = ctx.needs_input_grad[:4]
-    B, C, H, W = z.shape
-    ratio = ctx.args[0]
-    if grad_x_pseudo is None:
-        grad_x_pseudo = z.new_zeros((B, C, H // ratio, W // ratio))
-    if grad_sam is None:
-        grad_sam = z.new_zeros((B, H // ratio, W // ratio))
-    dz, dk, dx = torch.ops.fastfuse.spatial_degrade_sam_backward(grad_x_pseudo, grad_sam, z, kernel, x, *ctx.args,
-                                                                 need_z, need_kernel, need_x, ctx.backend)
-    return ((dz if need_z else None), (dk if need_kernel else None), None, (dx if need_x else None),
-            None, None, None, None, None)
-
-
-_spatial_degrade_sam.register_autograd(_degrade_sam_bwd, setup_context=_degrade_sam_setup)
+@define_op(DEGRADE_SAM, differentiable=("z", "kernel", "x"), pass_needs=True, fake=_degrade_sam_fake)
+def _spatial_degrade_sam(z: torch.Tensor, kernel: torch.Tensor, ratio: int, x: torch.Tensor, padding: str,
+                         offset: list[int], degrees: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def spatial_degrade_sam(z: torch.Tensor, kernel: torch.Tensor, ratio: int, x: torch.Tensor, *,
@@ -400,71 +201,21 @@ def spatial_degrade_sam(z: torch.Tensor, kernel: torch.Tensor, ratio: int, x: to
 # ---------------------------------------------------------------------------------------------
 # spectral_response_ssim
 
-@torch.library.custom_op("fastfuse::spectral_response_ssim", mutates_args=())
-def _spectral_response_ssim(z: torch.Tensor, R: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float,
-                            data_range: float, k1: float, k2: float, padding: str,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.forward_kernel(RESPONSE_SSIM, backend, z)
-    y_pseudo, ssim = impl(z, R, y, window_size, sigma, data_range, k1, k2, padding)
-    return y_pseudo.contiguous(), ssim.contiguous()
-
-
 def _ssim_size(n: int, window_size: int, padding: str) -> int:
     return n - window_size + 1 if padding == "valid" else n
 
 
-@_spectral_response_ssim.register_fake
-def _(z, R, y, window_size, sigma, data_range, k1, k2, padding, backend):
+def _response_ssim_fake(z, R, y, window_size, sigma, data_range, k1, k2, padding):
     B, _, H, W = z.shape
     c = R.shape[0]
     return (z.new_empty((B, c, H, W)),
             z.new_empty((B, c, _ssim_size(H, window_size, padding), _ssim_size(W, window_size, padding))))
 
 
-@torch.library.custom_op("fastfuse::spectral_response_ssim_backward", mutates_args=())
-def _spectral_response_ssim_backward(grad_y_pseudo: torch.Tensor, grad_ssim: torch.Tensor, z: torch.Tensor,
-                                     R: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float,
-                                     data_range: float, k1: float, k2: float, padding: str, need_z: bool,
-                                     need_R: bool, need_y: bool,
-                                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = (window_size, sigma, data_range, k1, k2, padding)
-    kernel_fn = _backward_kernel(RESPONSE_SSIM, backend, z)
-    if kernel_fn is None:
-        grads = reference_vjp(reference.spectral_response_ssim, (z, R, y), (grad_y_pseudo, grad_ssim),
-                              **dict(zip(("window_size", "sigma", "data_range", "k1", "k2", "padding"), params)))
-        grads = _needed(grads, (need_z, need_R, need_y))
-    else:
-        grads = kernel_fn(grad_y_pseudo, grad_ssim, z, R, y, *params, need_z, need_R, need_y)
-    return _grad_or_empty(grads, (z, R, y))
-
-
-@_spectral_response_ssim_backward.register_fake
-def _(grad_y_pseudo, grad_ssim, z, R, y, window_size, sigma, data_range, k1, k2, padding, need_z, need_R, need_y,
-      backend):
-    return tuple(torch.empty_like(t) if need else t.new_empty(0) for t, need in ((z, need_z), (R, need_R), (y, need_y)))
-
-
-def _response_ssim_setup(ctx, inputs, output):
-    z, R, y, *args, backend = inputs
-    ctx.save_for_backward(z, R, y)
-    ctx.args = tuple(args)
-    ctx.backend = backend
-    ctx.shapes = (output[0].shape, output[1].shape)
-
-
-def _response_ssim_bwd(ctx, grad_y_pseudo, grad_ssim):
-    z, R, y = ctx.saved_tensors
-    if grad_y_pseudo is None:
-        grad_y_pseudo = z.new_zeros(ctx.shapes[0])
-    if grad_ssim is None:
-        grad_ssim = z.new_zeros(ctx.shapes[1])
-    need = ctx.needs_input_grad[:3]
-    dz, dR, dy = torch.ops.fastfuse.spectral_response_ssim_backward(grad_y_pseudo, grad_ssim, z, R, y, *ctx.args,
-                                                                    *need, ctx.backend)
-    return (dz if need[0] else None), (dR if need[1] else None), (dy if need[2] else None), *([None] * 7)
-
-
-_spectral_response_ssim.register_autograd(_response_ssim_bwd, setup_context=_response_ssim_setup)
+@define_op(RESPONSE_SSIM, differentiable=("z", "R", "y"), pass_needs=True, fake=_response_ssim_fake)
+def _spectral_response_ssim(z: torch.Tensor, R: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float,
+                            data_range: float, k1: float, k2: float,
+                            padding: str) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def spectral_response_ssim(z: torch.Tensor, R: torch.Tensor, y: torch.Tensor, *, window_size: int = 11,
@@ -486,5 +237,5 @@ def spectral_response_ssim(z: torch.Tensor, R: torch.Tensor, y: torch.Tensor, *,
     check_same_dtype(fn, z=z, y=y)
     check_same_device(fn, z=z, R=R, y=y)
     check_ssim_args(fn, y, y, window_size, sigma, data_range, k1, k2, padding)
-    return _spectral_response_ssim(z, R, y, window_size, float(sigma), float(data_range), float(k1), float(k2),
-                                   padding, backend)
+    return _spectral_response_ssim(z, R, y, int(window_size), float(sigma), float(data_range), float(k1),
+                                   float(k2), padding, backend)

@@ -40,4 +40,4 @@ def sam_map(x: torch.Tensor, y: torch.Tensor, *, degrees: bool = True, eps: floa
     if x.shape[1] == 0:
         raise ValueError(f"fastfuse.{OP}: x must have at least one channel (dim 1), got shape {tuple(x.shape)}")
     check_eps(OP, eps)
-    return _sam_map.forward_op(x, y, bool(degrees), float(eps), backend)
+    return _sam_map(x, y, bool(degrees), float(eps), backend)

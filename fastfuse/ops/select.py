@@ -5,10 +5,11 @@ Points are the flat positions l = h·W + w of a (B, C, H, W) map, or the positio
 sequence. Indices are int64 or int32; `valid` is an optional (B, K) bool mask of the slots that
 take part (the second output of `select_points` with a tensor k).
 
-Out-of-range indices. Checking that every index lies in [0, L) would need a host sync, so it is
-not done: the torch backend raises torch's index error (on CUDA, a device-side assert), while the
-triton backend treats such slots as invalid (a gather reads 0, a scatter ignores them). Only the
-values of valid slots are ever read.
+Out-of-range indices. On CPU the torch backend checks that every valid slot's index lies in
+[0, L) and raises an IndexError naming the slot (negative indices are never wrapped). On CUDA that
+check would need a host sync, so it is not made: the torch backend hits torch's device-side
+assert, while the triton backend treats such slots as invalid (a gather reads 0, a scatter ignores
+them). Only the values of valid slots are ever read.
 
 Empty inputs: B = 0, C = 0 or K = 0 give empty results (a scatter of nothing returns a copy of
 base); a feature map without points (L = 0) with K > 0 slots is an error.
@@ -23,6 +24,7 @@ import torch
 from fastfuse import backends
 from fastfuse._checks import (INDEX_DTYPES, check_choice, check_same_device, check_same_dtype,
                               check_same_shape, check_tensor)
+from fastfuse.ops._define import define_op
 from fastfuse.reference import select as reference
 
 SELECT, GATHER, GATHER_SUM, SCATTER, ADD_SCATTER = (
@@ -32,14 +34,19 @@ _R = "fastfuse.reference.select"
 
 # select_points has only the torch path: torch.topk on GPU is what a kernel would have to beat,
 # and the rest is a few linear elementwise passes over (B, L).
-backends.register(SELECT, "torch", "fastfuse.ops.select:_select_torch")
-backends.register(GATHER, "torch", f"{_R}:gather_points", f"{_R}:gather_points_backward")
-backends.register(GATHER, "triton", f"{_T}:gather_points_forward", f"{_T}:gather_points_backward")
-backends.register(GATHER_SUM, "torch", f"{_R}:gather_sum_points")
+_O = "fastfuse.ops.select"
+# select_points has only the torch path: torch.topk on GPU is what a kernel would have to beat,
+# and the rest is a few linear elementwise passes over (B, L).
+backends.register(SELECT, "torch", f"{_O}:_select_torch")
+# The torch kernels are the reference behind an index check (CPU only, see the module docstring);
+# the adapters give every backward the define_op convention (grads, then the op's arguments).
+backends.register(GATHER, "torch", f"{_O}:_gather_torch", f"{_O}:_gather_backward_torch")
+backends.register(GATHER, "triton", f"{_T}:gather_points_forward", f"{_O}:_gather_backward_triton")
+backends.register(GATHER_SUM, "torch", f"{_O}:_gather_sum_torch")
 backends.register(GATHER_SUM, "triton", f"{_T}:gather_sum_points_forward")
-backends.register(SCATTER, "torch", f"{_R}:scatter_points", f"{_R}:scatter_points_backward")
-backends.register(SCATTER, "triton", f"{_T}:scatter_points_forward", f"{_T}:scatter_points_backward")
-backends.register(ADD_SCATTER, "torch", f"{_R}:add_scatter_points")
+backends.register(SCATTER, "torch", f"{_O}:_scatter_torch", f"{_O}:_scatter_backward_torch")
+backends.register(SCATTER, "triton", f"{_T}:scatter_points_forward", f"{_O}:_scatter_backward_triton")
+backends.register(ADD_SCATTER, "torch", f"{_O}:_add_scatter_torch")
 backends.register(ADD_SCATTER, "triton", f"{_T}:add_scatter_points_forward")
 for _op in (GATHER, GATHER_SUM, SCATTER, ADD_SCATTER):
     backends.set_preference(_op, ("triton", "torch"))
@@ -51,31 +58,84 @@ def _select_torch(score, k, k_tensor, capacity, largest):
     return reference.select_points_masked(score, k_tensor, capacity, largest)
 
 
-def _backward_kernel(op: str, backend: str, device: torch.device, numel: int):
-    """The backward of `op` for this call; the backward pass resolves `backend` like the forward."""
-    return backends.kernel(op, backends.resolve(op, backend, device, numel), "backward")
+def _check_index_range(fn: str, idx: torch.Tensor, valid: Optional[torch.Tensor], length: int) -> None:
+    """On CPU, an index of a valid slot outside [0, L) is an error naming it; on CUDA the check
+    would cost a host sync, so it is not made there (torch's device-side assert fires instead)."""
+    if idx.device.type != "cpu" or idx.numel() == 0:
+        return
+    bad = (idx < 0) | (idx >= length)
+    if valid is not None:
+        bad &= valid
+    if bool(bad.any()):
+        b, k = (int(v) for v in bad.nonzero()[0])
+        raise IndexError(f"fastfuse.{fn}: idx[{b}, {k}] = {int(idx[b, k])} is an index outside [0, L) with L = {length} "
+                         "points per row (negative indices are not wrapped)")
 
 
-def _numel(shape) -> int:
-    return math.prod(shape)
+def _gather_torch(feat, idx, valid):
+    _check_index_range(GATHER, idx, valid, _points(feat))
+    return reference.gather_points(feat, idx, valid)
+
+
+def _gather_sum_torch(a, b, idx, valid):
+    _check_index_range(GATHER_SUM, idx, valid, _points(a))
+    return reference.gather_sum_points(a, b, idx, valid)
+
+
+def _scatter_torch(base, values, idx, valid, reduce):
+    _check_index_range(SCATTER, idx, valid, _points(base))
+    if idx.shape[1] == 0:
+        return base.clone()  # nothing scattered: a copy of base, for either reduction
+    return reference.scatter_points(base, values, idx, valid, reduce)
+
+
+def _add_scatter_torch(base1, base2, values, idx, valid):
+    _check_index_range(ADD_SCATTER, idx, valid, _points(base1))
+    return reference.add_scatter_points(base1, base2, values, idx, valid)
+
+
+def _gather_backward_torch(grad, feat, idx, valid):
+    return reference.gather_points_backward(grad, idx, valid, list(feat.shape))
+
+
+def _gather_backward_triton(grad, feat, idx, valid):
+    from fastfuse.triton import select as kernels
+    return kernels.gather_points_backward(grad, idx, valid, list(feat.shape))
+
+
+def _scatter_backward_with(backward, grad, idx, valid, reduce):
+    dbase, dvalues = backward(grad, idx, valid, reduce)
+    return grad if dbase is None else dbase, dvalues  # "add" passes the gradient through to base
+
+
+def _scatter_backward_torch(grad, base, values, idx, valid, reduce):
+    if idx.shape[1] == 0:
+        return grad, grad.new_zeros(values.shape)
+    return _scatter_backward_with(reference.scatter_points_backward, grad, idx, valid, reduce)
+
+
+def _scatter_backward_triton(grad, base, values, idx, valid, reduce):
+    from fastfuse.triton import select as kernels
+    return _scatter_backward_with(kernels.scatter_points_backward, grad, idx, valid, reduce)
+
+
+def _points(t: torch.Tensor) -> int:
+    return math.prod(t.shape[2:])
 
 
 # ---------------------------------------------------------------------------------------------
 # select_points
 
-@torch.library.custom_op("fastfuse::select_points", mutates_args=())
-def _select_points(score: torch.Tensor, k: int, k_tensor: Optional[torch.Tensor], capacity: int,
-                   largest: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    idx, valid = backends.forward_kernel(SELECT, backend, score)(score, k, k_tensor, capacity, largest)
-    return idx.contiguous(), valid.contiguous()
-
-
-@_select_points.register_fake
-def _(score, k, k_tensor, capacity, largest, backend):
+def _select_fake(score, k, k_tensor, capacity, largest):
     B = score.shape[0]
     if k_tensor is None:
         return score.new_empty((B, k), dtype=torch.int64), score.new_empty(0, dtype=torch.bool)
     return score.new_empty((B, capacity), dtype=torch.int64), score.new_empty((B, capacity), dtype=torch.bool)
+
+
+@define_op(SELECT, differentiable=(), fake=_select_fake)
+def _select_points(score: torch.Tensor, k: int, k_tensor: Optional[torch.Tensor], capacity: int,
+                   largest: bool) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def select_points(score: torch.Tensor, k, *, largest: bool = False, capacity: Optional[int] = None,
@@ -98,7 +158,7 @@ def select_points(score: torch.Tensor, k, *, largest: bool = False, capacity: Op
         if score.shape[1] != 1:
             raise ValueError(f"fastfuse.{fn}: a 4-D score must have one channel, shape (B, 1, H, W); "
                              f"got {tuple(score.shape)}")
-        score = score.reshape(score.shape[0], -1)
+        score = score.reshape(score.shape[0], score.shape[2] * score.shape[3])
     B, L = score.shape
     score = score.detach()
     if isinstance(k, torch.Tensor):
@@ -142,54 +202,12 @@ def _check_values(fn: str, values: torch.Tensor, base: torch.Tensor, idx: torch.
     check_same_dtype(fn, base=base, values=values)
 
 
-def _points(t: torch.Tensor) -> int:
-    return _numel(t.shape[2:])
-
-
 # ---------------------------------------------------------------------------------------------
 # gather_points and gather_sum_points
 
-@torch.library.custom_op("fastfuse::gather_points", mutates_args=())
-def _gather_points(feat: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor],
-                   backend: str) -> torch.Tensor:
-    return backends.forward_kernel(GATHER, backend, feat)(feat, idx, valid).contiguous()
-
-
-@_gather_points.register_fake
-def _(feat, idx, valid, backend):
-    return feat.new_empty((feat.shape[0], feat.shape[1], idx.shape[1]))
-
-
-@torch.library.custom_op("fastfuse::gather_points_backward", mutates_args=())
-def _gather_points_backward(grad: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor],
-                            feat_shape: list[int], backend: str) -> torch.Tensor:
-    kernel = _backward_kernel(GATHER, backend, grad.device, _numel(feat_shape))
-    kernel = kernel or reference.gather_points_backward
-    return kernel(grad, idx, valid, list(feat_shape)).contiguous()
-
-
-@_gather_points_backward.register_fake
-def _(grad, idx, valid, feat_shape, backend):
-    return grad.new_empty(feat_shape)
-
-
-def _save_slots(ctx, idx, valid, backend, shape):
-    ctx.save_for_backward(idx, valid)
-    ctx.shape = list(shape)
-    ctx.backend = backend
-
-
-def _gather_setup(ctx, inputs, output):
-    feat, idx, valid, backend = inputs
-    _save_slots(ctx, idx, valid, backend, feat.shape)
-
-
-def _gather_backward(ctx, grad):
-    idx, valid = ctx.saved_tensors
-    return torch.ops.fastfuse.gather_points_backward(grad, idx, valid, ctx.shape, ctx.backend), None, None, None
-
-
-_gather_points.register_autograd(_gather_backward, setup_context=_gather_setup)
+@define_op(GATHER, differentiable=("feat",),
+           fake=lambda feat, idx, valid: feat.new_empty((feat.shape[0], feat.shape[1], idx.shape[1])))
+def _gather_points(feat: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor: ...
 
 
 def gather_points(feat: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor] = None, *,
@@ -205,30 +223,17 @@ def gather_points(feat: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.T
     return _gather_points(feat, idx, valid, backend)
 
 
-@torch.library.custom_op("fastfuse::gather_sum_points", mutates_args=())
-def _gather_sum_points(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor],
-                       backend: str) -> torch.Tensor:
-    return backends.forward_kernel(GATHER_SUM, backend, a)(a, b, idx, valid).contiguous()
+def _gather_sum_backward(spec, args, grads, needs):
+    """Both maps receive the gradient of the plain gather (its backward op, differentiable too)."""
+    a, b, idx, valid, backend = args
+    g = _gather_points.backward_op(grads, [], [True], a, idx, valid, backend)[0]
+    return [g, g]
 
 
-@_gather_sum_points.register_fake
-def _(a, b, idx, valid, backend):
-    return a.new_empty((a.shape[0], a.shape[1], idx.shape[1]))
-
-
-def _gather_sum_setup(ctx, inputs, output):
-    a, b, idx, valid, backend = inputs
-    _save_slots(ctx, idx, valid, backend, a.shape)
-
-
-def _gather_sum_backward(ctx, grad):
-    idx, valid = ctx.saved_tensors
-    # Both maps receive the same gradient; the backward is the gather's (registry "gather_points").
-    g = torch.ops.fastfuse.gather_points_backward(grad, idx, valid, ctx.shape, ctx.backend)
-    return g, g, None, None, None
-
-
-_gather_sum_points.register_autograd(_gather_sum_backward, setup_context=_gather_sum_setup)
+@define_op(GATHER_SUM, differentiable=("a", "b"), backward=_gather_sum_backward,
+           fake=lambda a, b, idx, valid: a.new_empty((a.shape[0], a.shape[1], idx.shape[1])))
+def _gather_sum_points(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor,
+                       valid: Optional[torch.Tensor]) -> torch.Tensor: ...
 
 
 def gather_sum_points(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor] = None,
@@ -250,47 +255,19 @@ def gather_sum_points(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, valid
 # ---------------------------------------------------------------------------------------------
 # scatter_points and add_scatter_points
 
-@torch.library.custom_op("fastfuse::scatter_points", mutates_args=())
+def _scatter_backward(spec, args, grads, needs):
+    """"add": base's gradient is the gradient itself and values' is its gather; "replace": the
+    backward op (base loses the gradient of the points written, values gets that of the points won)."""
+    base, values, idx, valid, reduce, backend = args
+    if reduce == "add":
+        return [grads[0], _gather_points.forward_op(grads[0], idx, valid, backend)]
+    return spec.backward_op(grads, [], needs, *args)
+
+
+@define_op(SCATTER, differentiable=("base", "values"), backward=_scatter_backward,
+           fake=lambda base, values, idx, valid, reduce: base.new_empty(base.shape))
 def _scatter_points(base: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor],
-                    reduce: str, backend: str) -> torch.Tensor:
-    return backends.forward_kernel(SCATTER, backend, base)(base, values, idx, valid, reduce).contiguous()
-
-
-@_scatter_points.register_fake
-def _(base, values, idx, valid, reduce, backend):
-    return base.new_empty(base.shape)
-
-
-@torch.library.custom_op("fastfuse::scatter_points_backward", mutates_args=())
-def _scatter_points_backward(grad: torch.Tensor, idx: torch.Tensor, valid: Optional[torch.Tensor], reduce: str,
-                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d base, d values); d base is an empty placeholder for "add", where it is grad itself."""
-    kernel = _backward_kernel(SCATTER, backend, grad.device, grad.numel())
-    kernel = kernel or reference.scatter_points_backward
-    dbase, dvalues = kernel(grad, idx, valid, reduce)
-    dbase = grad.new_empty(0) if dbase is None else dbase.contiguous()
-    return dbase, dvalues.contiguous()
-
-
-@_scatter_points_backward.register_fake
-def _(grad, idx, valid, reduce, backend):
-    dvalues = grad.new_empty((grad.shape[0], grad.shape[1], idx.shape[1]))
-    return (grad.new_empty(0) if reduce == "add" else grad.new_empty(grad.shape)), dvalues
-
-
-def _scatter_setup(ctx, inputs, output):
-    base, values, idx, valid, reduce, backend = inputs
-    _save_slots(ctx, idx, valid, backend, base.shape)
-    ctx.reduce = reduce
-
-
-def _scatter_backward(ctx, grad):
-    idx, valid = ctx.saved_tensors
-    dbase, dvalues = torch.ops.fastfuse.scatter_points_backward(grad, idx, valid, ctx.reduce, ctx.backend)
-    return (grad if ctx.reduce == "add" else dbase), dvalues, None, None, None, None
-
-
-_scatter_points.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+                    reduce: str) -> torch.Tensor: ...
 
 
 def scatter_points(base: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, *, reduce: str = "add",
@@ -311,30 +288,15 @@ def scatter_points(base: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, 
     return _scatter_points(base, values, idx, valid, reduce, backend)
 
 
-@torch.library.custom_op("fastfuse::add_scatter_points", mutates_args=())
+def _add_scatter_backward(spec, args, grads, needs):
+    base1, base2, values, idx, valid, backend = args
+    return [grads[0], grads[0], _gather_points.forward_op(grads[0], idx, valid, backend)]
+
+
+@define_op(ADD_SCATTER, differentiable=("base1", "base2", "values"), backward=_add_scatter_backward,
+           fake=lambda base1, base2, values, idx, valid: base1.new_empty(base1.shape))
 def _add_scatter_points(base1: torch.Tensor, base2: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,
-                        valid: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    kernel = backends.forward_kernel(ADD_SCATTER, backend, base1)
-    return kernel(base1, base2, values, idx, valid).contiguous()
-
-
-@_add_scatter_points.register_fake
-def _(base1, base2, values, idx, valid, backend):
-    return base1.new_empty(base1.shape)
-
-
-def _add_scatter_setup(ctx, inputs, output):
-    base1, base2, values, idx, valid, backend = inputs
-    _save_slots(ctx, idx, valid, backend, base1.shape)
-
-
-def _add_scatter_backward(ctx, grad):
-    idx, valid = ctx.saved_tensors
-    _, dvalues = torch.ops.fastfuse.scatter_points_backward(grad, idx, valid, "add", ctx.backend)
-    return grad, grad, dvalues, None, None, None
-
-
-_add_scatter_points.register_autograd(_add_scatter_backward, setup_context=_add_scatter_setup)
+                        valid: Optional[torch.Tensor]) -> torch.Tensor: ...
 
 
 def add_scatter_points(base1: torch.Tensor, base2: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Public `selective_scan`: checks, backend dispatch and the torch.library registration.
+"""Public `selective_scan`: checks, backend dispatch and the op declaration.
 
 The forward custom op returns three tensors: the output, the last state, and the chunk start
 states (batch, D, ceil(L / chunk), N) that the Triton backward recomputes each chunk from (so no
@@ -13,7 +13,7 @@ import torch
 
 from fastfuse import backends
 from fastfuse._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from fastfuse.ops._autograd import none_if_absent, reference_vjp
+from fastfuse.ops._define import define_op
 from fastfuse.reference import selective_scan as reference
 
 OP = "selective_scan"
@@ -33,24 +33,16 @@ backends.register(OP, "cuda", "fastfuse.cuda.selective_scan:selective_scan_forwa
 backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 
-def _backend_for(u: torch.Tensor, backend: str) -> str:
+def _resolve(args, backend: str, numel: int) -> str:
     # float64 is the gradcheck path: "auto" keeps it in the float64 reference, since the kernels'
     # states are fp32. A kernel asked for by name still runs (fp32 states, float64 in and out).
-    return "torch" if backend == "auto" and u.dtype == torch.float64 else backend
+    u = args[0]
+    if backend == "auto" and u.dtype == torch.float64:
+        backend = "torch"
+    return backends.resolve(OP, backend, u.device, numel)
 
 
-@torch.library.custom_op("fastfuse::selective_scan", mutates_args=())
-def _selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                    D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                    delta_softplus: bool, chunk: int, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, last_state, chunk_states = backends.forward_kernel(OP, _backend_for(u, backend), u)(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
-    return out.contiguous(), last_state.contiguous(), chunk_states.contiguous()
-
-
-@_selective_scan.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, backend):
+def _fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
     batch, dim, length = u.shape
     n_state = A.shape[1]
     dtype = reference.state_dtype(u.dtype)
@@ -59,42 +51,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, backend):
             u.new_empty((batch, dim, n_chunks, n_state), dtype=dtype))
 
 
-@torch.library.custom_op("fastfuse::selective_scan_backward", mutates_args=())
-def _selective_scan_backward(dout: torch.Tensor, dlast_state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor,
-                             A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
-                             z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                             chunk_states: torch.Tensor, delta_softplus: bool, chunk: int, backend: str
-                             ) -> list[torch.Tensor]:
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    kernel = backends.backward_kernel(OP, _backend_for(u, backend), u)
-    if kernel is None:
-        grads = reference_vjp(reference.selective_scan, inputs, (dout, dlast_state),
-                              delta_softplus=delta_softplus, return_last_state=True)
-    else:
-        grads = kernel(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk)
-    return [u.new_empty(0) if t is None else g.to(t.dtype).contiguous() for g, t in zip(grads, inputs)]
-
-
-@_selective_scan_backward.register_fake
-def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk, backend):
-    return [u.new_empty(0) if t is None else t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, delta_bias)]
-
-
-def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, backend = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
-    ctx.args = (delta_softplus, chunk, backend)
-
-
-def _backward(ctx, dout, dlast_state, _dchunk_states):
-    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    grads = torch.ops.fastfuse.selective_scan_backward(dout, dlast_state, *inputs, chunk_states, *ctx.args)
-    return (*none_if_absent(grads, inputs), None, None, None)
-
-
-_selective_scan.register_autograd(_backward, setup_context=_setup_context)
+# Outputs: out, last state, and the chunk start states, which only the backward reads.
+@define_op(OP, differentiable=("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), fake=_fake,
+           saved_outputs=(2,), resolve=_resolve)
+def _selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                    delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -119,8 +81,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     _check(u, delta, A, B, C, D, z, delta_bias)
     if B.dim() == 3:  # one group: the grouped layout with G = 1 (a view, its gradient flows back)
         B, C = B.unsqueeze(1), C.unsqueeze(1)
-    out, last_state, _ = torch.ops.fastfuse.selective_scan(u, delta, A, B, C, D, z, delta_bias,
-                                                           bool(delta_softplus), CHUNK, backend)
+    out, last_state, _ = _selective_scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), CHUNK, backend)
     return (out, last_state) if return_last_state else out
 
 

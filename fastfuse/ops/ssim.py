@@ -1,14 +1,13 @@
-"""Public `ssim_map` and `ssim`: checks, backend dispatch and the torch.library registration."""
+"""Public `ssim_map` and `ssim`: checks, backend dispatch and the op declaration."""
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
 from fastfuse import backends
 from fastfuse._checks import check_choice
-from fastfuse.ops._autograd import reference_vjp
+from fastfuse.ops._define import define_op
 from fastfuse.reference import ssim as reference
 
 OP = "ssim_map"
@@ -33,16 +32,16 @@ def _unsupported(name: str, like: torch.Tensor, window_size: int, padding: str, 
     return None if check is None else check(window_size, padding, data_range, k1, k2, like.dtype)
 
 
-def _resolve(backend: str, like: torch.Tensor, window_size: int, padding: str, data_range: float,
-             k1: float, k2: float) -> str:
+def _resolve(args, backend: str, numel: int) -> str:
     """The registry's choice, unless that kernel cannot take these arguments (a window above its
     limit, float64 inputs): then "auto" moves on to the next backend that can (the reference
     always can) and an explicit request is refused with the reason."""
-    name = backends.resolve(OP, backend, like.device, like.numel())
+    like, _, window_size, _, data_range, k1, k2, padding = args
+    name = backends.resolve(OP, backend, like.device, numel)
     reason = _unsupported(name, like, window_size, padding, data_range, k1, k2)
     if reason is None:
         return name
-    requested = backend if backend not in (None, "auto") else (os.environ.get("FASTFUSE_BACKEND") or "auto")
+    requested = backend if backend != "auto" else backends.environment_backend()
     if requested != "auto":
         raise backends.BackendUnavailableError(f"fastfuse.{OP}: backend {name!r} cannot serve this call: {reason}")
     for other in ("triton", "torch"):
@@ -52,53 +51,15 @@ def _resolve(backend: str, like: torch.Tensor, window_size: int, padding: str, d
     return "torch"
 
 
-@torch.library.custom_op("fastfuse::ssim_map", mutates_args=())
-def _ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float, k1: float,
-              k2: float, padding: str, backend: str) -> torch.Tensor:
-    name = _resolve(backend, x, window_size, padding, data_range, k1, k2)
-    return backends.kernel(OP, name, "forward")(x, y, window_size, sigma, data_range, k1, k2, padding)
-
-
-@_ssim_map.register_fake
-def _(x, y, window_size, sigma, data_range, k1, k2, padding, backend):
+def _fake(x, y, window_size, sigma, data_range, k1, k2, padding):
     height, width = x.shape[-2:]
     return x.new_empty((x.shape[0], x.shape[1], reference.output_size(height, window_size, padding),
                         reference.output_size(width, window_size, padding)))
 
 
-@torch.library.custom_op("fastfuse::ssim_map_backward", mutates_args=())
-def _ssim_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float,
-                       data_range: float, k1: float, k2: float, padding: str, need_x: bool, need_y: bool,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    name = _resolve(backend, x, window_size, padding, data_range, k1, k2)
-    kernel = backends.kernel(OP, name, "backward")
-    if kernel is None:
-        gx, gy = reference_vjp(reference.ssim_map, (x, y), (grad,), window_size=window_size, sigma=sigma,
-                               data_range=data_range, k1=k1, k2=k2, padding=padding)
-        return (gx if need_x else x.new_empty(0)), (gy if need_y else y.new_empty(0))
-    return kernel(grad, x, y, window_size, sigma, data_range, k1, k2, padding, need_x, need_y)
-
-
-@_ssim_map_backward.register_fake
-def _(grad, x, y, window_size, sigma, data_range, k1, k2, padding, need_x, need_y, backend):
-    return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(y) if need_y else y.new_empty(0))
-
-
-def _setup_context(ctx, inputs, output):
-    x, y, *args = inputs
-    ctx.save_for_backward(x, y)
-    ctx.args = tuple(args)
-
-
-def _backward(ctx, grad):
-    x, y = ctx.saved_tensors
-    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    *params, backend = ctx.args
-    gx, gy = torch.ops.fastfuse.ssim_map_backward(grad, x, y, *params, need_x, need_y, backend)
-    return (gx if need_x else None), (gy if need_y else None), None, None, None, None, None, None, None
-
-
-_ssim_map.register_autograd(_backward, setup_context=_setup_context)
+@define_op(OP, differentiable=("x", "y"), fake=_fake, pass_needs=True, resolve=_resolve)
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float, k1: float,
+              k2: float, padding: str) -> torch.Tensor: ...
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
@@ -114,8 +75,8 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: 
     Differentiable in x and y. Full conventions: fastfuse.reference.ssim.
     """
     reference.check_ssim_args(OP, x, y, window_size, sigma, data_range, k1, k2, padding)
-    return torch.ops.fastfuse.ssim_map(x, y, int(window_size), float(sigma), float(data_range), float(k1),
-                                       float(k2), padding, backend)
+    return _ssim_map(x, y, int(window_size), float(sigma), float(data_range), float(k1), float(k2), padding,
+                     backend)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5,
@@ -129,6 +90,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: floa
     """
     reference.check_ssim_args("ssim", x, y, window_size, sigma, data_range, k1, k2, padding)
     check_choice("ssim", "reduction", reduction, reference.REDUCTIONS)
-    smap = torch.ops.fastfuse.ssim_map(x, y, int(window_size), float(sigma), float(data_range), float(k1),
-                                       float(k2), padding, backend)
+    smap = _ssim_map(x, y, int(window_size), float(sigma), float(data_range), float(k1), float(k2), padding,
+                     backend)
     return reference.reduce_map(smap, reduction, "ssim")

@@ -47,7 +47,8 @@ def _check_real(fn: str, name: str, value, *, positive: bool = True) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"fastfuse.{fn}: {name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
+    # abs(v) < inf rather than math.isfinite: torch.compile(dynamic=True) traces it on a symbolic float
+    if not abs(value) < math.inf or (positive and value <= 0):
         raise ValueError(f"fastfuse.{fn}: {name} must be a finite positive number, got {value!r}")
     return value
 

@@ -20,7 +20,7 @@ recurrence backwards through the chunk:
 dA, dD and ddelta_bias are summed over time in registers and written once per program as
 per-batch partials (summed over the batch afterwards: deterministic). dB and dC are complete per
 program when one program covers a whole group (a plain store); otherwise programs of a group
-add into an fp32 buffer with atomics.
+add into an fp32 buffer with relaxed atomics (unordered reductions: only the final sums are read).
 
 All offsets into the inputs are 64-bit, so a large B/C (G·N > D) cannot wrap around.
 """
@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastfuse.backends import triton_interpret
 from fastfuse.reference.selective_scan import state_dtype
 
 # Channels per program: the state tile BLOCK_D × BLOCK_N is kept near TILE_ELEMENTS so that many
@@ -53,6 +54,25 @@ def _config(per_group: int, n_state: int) -> tuple[int, int, int]:
     block_d = max(1, min(triton.next_power_of_2(max(per_group, 1)), TILE_ELEMENTS // block_n, MAX_BLOCK_D))
     num_warps = max(1, min(8, block_d * block_n // 64))
     return block_d, block_n, num_warps
+
+
+# Forward programs wanted at least: 4 per SM of a 132-SM H100. Each program walks the whole
+# sequence step by step, so a grid of a few hundred (mamba-ssm's B = 2, D = 1536: 192; SRLF's
+# B = 64, D = 64: 256) leaves most of the GPU idle (compile report: 0.15 waves on an H100).
+# Only for sequences long enough that the serial walk dominates (short ones finish either way).
+FORWARD_MIN_PROGRAMS = 4 * 132
+FORWARD_SPLIT_MIN_LENGTH = 1024
+
+
+def _forward_config(batch: int, groups: int, per_group: int, n_state: int, length: int) -> tuple[int, int, int]:
+    """_config with fewer channels per program while the grid is small. Forward only: the chunk
+    states do not depend on BLOCK_D, and the backward's dB/dC atomics grow with the blocks of a group."""
+    block_d, block_n, _ = _config(per_group, n_state)
+    # The interpreter runs programs one after another: splitting would only multiply its work.
+    while (length >= FORWARD_SPLIT_MIN_LENGTH and block_d > 1 and not triton_interpret()
+           and batch * groups * triton.cdiv(per_group, block_d) < FORWARD_MIN_PROGRAMS):
+        block_d //= 2
+    return block_d, block_n, max(1, min(8, block_d * block_n // 64))
 
 
 @triton.jit
@@ -276,8 +296,10 @@ def _selective_scan_bwd_kernel(
             tl.store(du_p, du.to(du_ptr.dtype.element_ty), mask=mask_d)
             tl.store(ddelta_p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
             if ATOMIC_BC:
-                tl.atomic_add(dB_p, dB_t, mask=mask_n)
-                tl.atomic_add(dC_p, dC_t, mask=mask_n)
+                # Relaxed: a plain unordered reduction (red.global.add); the default acq_rel made
+                # two ordered, returning atomics per step whose latency sat in the step loop.
+                tl.atomic_add(dB_p, dB_t, mask=mask_n, sem="relaxed")
+                tl.atomic_add(dC_p, dC_t, mask=mask_n, sem="relaxed")
             else:
                 tl.store(dB_p, dB_t, mask=mask_n)
                 tl.store(dC_p, dC_t, mask=mask_n)
@@ -320,7 +342,7 @@ def selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: 
     chunk_states = torch.empty((batch, dim, n_chunks, n_state), dtype=sdtype, device=u.device)
     if out.numel() == 0:
         return out, last_state, chunk_states
-    block_d, block_n, num_warps = _config(per_group, n_state)
+    block_d, block_n, num_warps = _forward_config(batch, groups, per_group, n_state, length)
     n_dblocks = triton.cdiv(per_group, block_d)
     grid = (batch * groups * n_dblocks,)
     _selective_scan_fwd_kernel[grid](
@@ -333,8 +355,8 @@ def selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: 
     return out, last_state, chunk_states
 
 
-def selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
-                            delta_softplus: bool, chunk: int):
+def selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool,
+                            chunk: int, chunk_states):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs."""
     batch, dim, length = u.shape
     n_state = A.shape[1]

@@ -1,0 +1,333 @@
+"""The CPU benchmark: every fastfuse op family on the cpu backend against what a user would pick
+instead, at CPU-realistic shapes, in one run on one machine.
+
+    python bench/bench_cpu.py [--out DIR] [--repeats N] [--budget SECONDS] [--only NAME,...]
+
+Per case and provider: the median (p50) of repeated calls (interleaved round by round, so a
+change in machine load hits every provider alike), and the peak resident memory one call adds
+above what was resident before it (VmHWM reset through /proc/self/clear_refs, Linux). The copy
+bandwidth of the same run (a clone of the CAVE cube) is the yardstick of the memory-bound ops.
+Providers that are not installed are skipped with the reason. Writes
+`<date>_cpu-<model>.json` and `.md` into --out (default: the user cache; bench/results/ for runs
+to commit), stamped with the CPU model, thread count and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+try:
+    import fastfuse  # noqa: F401
+except ImportError:  # a checkout that is not installed: the package is in the parent folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import fastfuse
+from fastfuse.benchmark.providers import torch_loop_selective_scan
+
+
+# --------------------------------------------------------------------------- measurement
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_added_mb(fn: Callable[[], object]) -> Optional[float]:
+    """Resident memory one call adds at its peak, in MB (None where Linux's counters are absent)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _rss_kb("VmRSS")
+    fn()
+    return max(0.0, (_rss_kb("VmHWM") - before) / 1024.0)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def copy_gbps(repeats: int = 10) -> float:
+    x = torch.rand(1, 31, 512, 512)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.clone()
+        times.append(time.perf_counter() - start)
+    return 2 * x.numel() * x.element_size() / statistics.median(times) / 1e9  # read + write
+
+
+# --------------------------------------------------------------------------- cases
+
+def _cave(seed: int = 0, channels: int = 31, size: int = 512, requires_grad: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, channels, size, size, generator=g)
+    y = (x + 0.05 * torch.rand(x.shape, generator=g)).clamp(0, 1)
+    return x.requires_grad_(requires_grad), y
+
+
+def _fwdbwd(fn):
+    def run():
+        out = fn()
+        (out if out.dim() == 0 else out.sum()).backward()
+    return run
+
+
+def ssim_cases():
+    x, y = _cave()
+    xg, _ = _cave(requires_grad=True)
+    cases = {}
+    peers = {"fastfuse-cpu": lambda a, b, pad: fastfuse.ssim_map(a, b, padding=pad, backend="cpu").mean(),
+             "fastfuse-torch (reference)": lambda a, b, pad: fastfuse.ssim_map(a, b, padding=pad, backend="torch").mean()}
+    try:
+        import pytorch_msssim
+        peers["pytorch-msssim"] = lambda a, b, pad: pytorch_msssim.ssim(a, b, data_range=1.0, size_average=True)
+    except ImportError:
+        pass
+    try:
+        import kornia
+        peers["kornia"] = lambda a, b, pad: kornia.metrics.ssim(a, b, 11).mean()
+    except ImportError:
+        pass
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+        peers["torchmetrics"] = lambda a, b, pad: tm_ssim(a, b, data_range=1.0)
+    except ImportError:
+        pass
+    try:
+        from skimage.metrics import structural_similarity
+        import numpy as np
+        xn, yn = x[0].permute(1, 2, 0).numpy().astype(np.float64), y[0].permute(1, 2, 0).numpy().astype(np.float64)
+        skimage_fn = lambda: structural_similarity(xn, yn, channel_axis=2, gaussian_weights=True, sigma=1.5,  # noqa: E731
+                                                   use_sample_covariance=False, data_range=1.0)
+    except ImportError:
+        skimage_fn = None
+    valid = {"fastfuse-cpu", "fastfuse-torch (reference)", "pytorch-msssim"}
+    reflect = {"fastfuse-cpu", "fastfuse-torch (reference)", "kornia", "torchmetrics"}
+    for pad, names in (("valid", valid), ("reflect", reflect)):
+        fwd = {n: (lambda f=f, pad=pad: f(x, y, pad)) for n, f in peers.items() if n in names}
+        if pad == "valid" and skimage_fn is not None:
+            fwd["scikit-image"] = skimage_fn
+        cases[f"ssim {pad} 1x31x512x512 fwd"] = fwd
+        cases[f"ssim {pad} 1x31x512x512 fwd+bwd"] = {
+            n: _fwdbwd(lambda f=f, pad=pad: f(xg, y, pad)) for n, f in peers.items() if n in names}
+    return cases
+
+
+def sam_cases():
+    x, y = _cave(1)
+    xg, _ = _cave(1, requires_grad=True)
+    providers = {"fastfuse-cpu": lambda a: fastfuse.sam_map(a, y, backend="cpu").mean(),
+                 "fastfuse-torch (reference)": lambda a: fastfuse.sam_map(a, y, backend="torch").mean()}
+    try:
+        from torchmetrics.functional.image import spectral_angle_mapper
+        providers["torchmetrics"] = lambda a: spectral_angle_mapper(a, y)
+    except ImportError:
+        pass
+    return {"sam 1x31x512x512 fwd": {n: (lambda f=f: f(x)) for n, f in providers.items()},
+            "sam 1x31x512x512 fwd+bwd": {n: _fwdbwd(lambda f=f: f(xg)) for n, f in providers.items()}}
+
+
+def degrade_cases():
+    z, _ = _cave(2)
+    kernel = torch.ones(8, 8) / 64
+    R = torch.rand(3, 31)
+    R = R / R.sum(1, keepdim=True)
+
+    def blur_then_decimate():  # what a user writes: full-resolution circular blur, then keep every 8th pixel
+        padded = torch.nn.functional.pad(z, (3, 4, 3, 4), mode="circular")
+        full = torch.nn.functional.conv2d(padded, kernel.expand(31, 1, 8, 8), groups=31)
+        return full[..., 3::8, 3::8]
+
+    small, _ = _cave(3, size=64)
+    msi = fastfuse.spectral_response(small, R)
+    lr = fastfuse.spatial_degrade(small, kernel, 4)
+    return {
+        "spatial_degrade 1x31x512x512 k=8 r=8 fwd": {
+            "fastfuse-auto": lambda: fastfuse.spatial_degrade(z, kernel, 8),
+            "plain torch (blur then decimate)": blur_then_decimate},
+        "spectral_response 1x31x512x512 -> 3 fwd": {
+            "fastfuse-auto": lambda: fastfuse.spectral_response(z, R),
+            "plain torch (einsum)": lambda: torch.einsum("cC,bChw->bchw", R, z)},
+        "spectral_response_ssim 1x31x64x64 fwd": {
+            "fastfuse-cpu": lambda: fastfuse.spectral_response_ssim(small, R, msi, padding="zero", backend="cpu"),
+            "fastfuse-torch (reference)": lambda: fastfuse.spectral_response_ssim(small, R, msi, padding="zero",
+                                                                                  backend="torch")},
+        "spatial_degrade_sam 1x31x64x64 r=4 fwd": {
+            "fastfuse-cpu": lambda: fastfuse.spatial_degrade_sam(small, kernel, 4, lr, backend="cpu"),
+            "fastfuse-torch (reference)": lambda: fastfuse.spatial_degrade_sam(small, kernel, 4, lr, backend="torch")},
+    }
+
+
+def scan_cases():
+    g = torch.Generator().manual_seed(4)
+    b, d, n, L = 1, 384, 16, 1024
+    u, delta = torch.randn(b, d, L, generator=g), torch.rand(b, d, L, generator=g) * 0.1
+    A = -torch.rand(d, n, generator=g) - 0.5
+    B, C = torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g)
+    ug = u.clone().requires_grad_(True)
+    cases = {
+        "selective_scan B=1 D=384 N=16 L=1024 fwd": {
+            "fastfuse-cpu": lambda: fastfuse.selective_scan(u, delta, A, B, C, backend="cpu"),
+            "plain torch loop": lambda: torch_loop_selective_scan(u, delta, A, B, C),
+            "fastfuse-torch (reference)": lambda: fastfuse.selective_scan(u, delta, A, B, C, backend="torch")},
+        "selective_scan B=1 D=384 N=16 L=1024 fwd+bwd": {
+            "fastfuse-cpu": _fwdbwd(lambda: fastfuse.selective_scan(ug, delta, A, B, C, backend="cpu")),
+            "plain torch loop": _fwdbwd(lambda: torch_loop_selective_scan(ug, delta, A, B, C))},
+    }
+    blocks = {name: fastfuse.nn.SS2D(d_model=96, d_state=16, channel_first=True, backend=name) for name in
+              ("cpu", "torch")}
+    blocks["torch"].load_state_dict(blocks["cpu"].state_dict())
+    x = torch.randn(1, 96, 64, 64, generator=g)
+    with torch.no_grad():
+        cases["SS2D 1x96x64x64 fwd"] = {"fastfuse-cpu": lambda: blocks["cpu"](x),
+                                        "fastfuse-torch (reference)": lambda: blocks["torch"](x)}
+    return cases
+
+
+def attention_and_guidance_cases():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(4, 64, 64, 64, generator=g) for _ in range(3))
+
+    def eager():
+        qn = torch.nn.functional.normalize(q.flatten(2).view(4, 2, 32, -1), dim=-1)
+        kn = torch.nn.functional.normalize(k.flatten(2).view(4, 2, 32, -1), dim=-1)
+        attn = torch.softmax(qn @ kn.transpose(-1, -2), dim=-1)
+        return (attn @ v.flatten(2).view(4, 2, 32, -1)).view_as(q)
+
+    C, d, H, ratio = 103, 8, 64, 4
+    A, E = torch.rand(1, d, H, H, generator=g), torch.rand(C, d, generator=g)
+    R = torch.rand(4, C, generator=g)
+    kernel = torch.ones(4, 4) / 16
+    X, Y = torch.rand(1, C, H // ratio, H // ratio, generator=g), torch.rand(1, 4, H, H, generator=g)
+    return {
+        "channel_attention 4x64x64x64 heads=2 fwd": {
+            "fastfuse-cpu": lambda: fastfuse.channel_attention(q, k, v, heads=2, backend="cpu"),
+            "eager torch composition": eager},
+        "subspace_guidance C=103 d=8 64x64 r=4": {
+            "fastfuse-cpu": lambda: fastfuse.subspace_guidance(A, E, R, X, Y, kernel, ratio, backend="cpu"),
+            "torch composition + autograd": lambda: fastfuse.subspace_guidance(A, E, R, X, Y, kernel, ratio,
+                                                                               backend="torch")},
+    }
+
+
+def metrics_cases():
+    x, y = _cave(6)
+    return {"metrics.evaluate 1x31x512x512": {
+        "fastfuse-auto (cpu kernels)": lambda: fastfuse.metrics.evaluate(x, y, 8),
+        "fastfuse-torch (reference)": lambda: fastfuse.metrics.evaluate(x, y, 8, backend="torch")}}
+
+
+GROUPS = {"ssim": ssim_cases, "sam": sam_cases, "degrade": degrade_cases, "scan": scan_cases,
+          "attention": attention_and_guidance_cases, "metrics": metrics_cases}
+
+
+# --------------------------------------------------------------------------- runner
+
+def run_case(providers: dict, repeats: int, budget: float) -> dict:
+    for fn in providers.values():   # warm-up (first-call costs: allocations, kernel loads)
+        fn()
+    times = {name: [] for name in providers}
+    started = time.perf_counter()
+    for round_ in range(repeats):
+        for name, fn in providers.items():
+            if round_ > 0 and times[name] and sum(times[name]) > budget:
+                continue  # a slow provider stops repeating once it has used its budget
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        if time.perf_counter() - started > budget * len(providers):
+            break
+    return {name: {"p50_ms": 1e3 * statistics.median(t), "runs": len(t), "peak_mb": peak_added_mb(providers[name])}
+            for name, t in times.items()}
+
+
+def render(result: dict) -> str:
+    lines = [f"# CPU benchmark, {result['date']} — {result['cpu']}, {result['threads']} threads", "",
+             f"fastfuse {result['versions']['fastfuse']}, torch {result['versions']['torch']}, python "
+             f"{result['versions']['python']}; command `{result['command']}`.", "",
+             f"Copy bandwidth of this run (clone of 1×31×512×512 fp32, read + write): "
+             f"**{result['copy_gbps']:.2f} GB/s**.", "",
+             "p50 of interleaved repeated calls; peak = resident memory one call adds at its peak (glibc's mmap "
+             "threshold fixed at 128 KB so freed buffers are returned and every call's allocations are seen). "
+             "Ratio = provider time / fastfuse time (> 1: fastfuse is faster).", ""]
+    for case, rows in result["cases"].items():
+        ours = next((r for n, r in rows.items() if n.startswith("fastfuse-cpu") or n.startswith("fastfuse-auto")),
+                    None)
+        lines += [f"### {case}", "", "| provider | p50 ms | runs | peak MB | vs fastfuse |", "| --- | --- | --- | --- | --- |"]
+        for name, r in rows.items():
+            ratio = f"{r['p50_ms'] / ours['p50_ms']:.2f}×" if ours else "-"
+            peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+            lines.append(f"| {name} | {r['p50_ms']:.1f} | {r['runs']} | {peak} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _with_fixed_mmap_threshold() -> None:
+    """glibc keeps freed large blocks for reuse once its mmap threshold adapts, and a call that
+    reuses them adds nothing to the resident set: fix the threshold (blocks ≥ 128 KB are mapped
+    and unmapped per allocation) so that the peak of every call is seen."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        _with_fixed_mmap_threshold()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from fastfuse.cli import default_results_dir
+    parser.add_argument("--out", default=default_results_dir())
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of repeats per provider and case")
+    parser.add_argument("--only", help=f"comma-separated groups of {sorted(GROUPS)}")
+    args = parser.parse_args(argv)
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown groups {unknown}; choose from {sorted(GROUPS)}")
+    torch.manual_seed(0)
+    result = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+              "versions": {"fastfuse": fastfuse.__version__, "torch": torch.__version__,
+                           "python": platform.python_version()},
+              "command": "python bench/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "copy_gbps": copy_gbps(), "cases": {}}
+    for group in groups:
+        for case, providers in GROUPS[group]().items():
+            print(f"{case} ...", flush=True)
+            result["cases"][case] = rows = run_case(providers, args.repeats, args.budget)
+            for name, r in rows.items():
+                print(f"  {name:32s} {r['p50_ms']:10.1f} ms  ({r['runs']} runs, peak +{r['peak_mb'] or 0:.0f} MB)",
+                      flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in result["cpu"].lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    stem = out / f"{result['date']}_cpu-{slug}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(result) + "\n")
+    print(f"copy bandwidth {result['copy_gbps']:.2f} GB/s; wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
