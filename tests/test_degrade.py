@@ -522,3 +522,30 @@ def test_triton_fused_response_ssim_writes_every_pixel(padding):
     assert_close(y_pseudo, expected, torch.float32, name="y_pseudo")
     assert_close(smap, reference_ssim_map(expected, y.double(), 3, 1.5, 1.0, 0.01, 0.03, padding), torch.float32,
                  name="ssim")
+
+
+# --------------------------------------------------------------------------- reported repros: SAM guide
+
+SAM_GUIDE_BACKENDS = [b for b in ("torch", "cpu", "triton")
+                      if fastfuse.backends.unavailable_reason("spatial_degrade_sam", b, torch.device("cpu")) is None]
+
+
+@pytest.mark.parametrize("backend", SAM_GUIDE_BACKENDS)
+@pytest.mark.parametrize("where", ["z", "kernel", "x", "z_inf"])
+def test_spatial_degrade_sam_propagates_nan_like_sam_map(backend, where):
+    torch.manual_seed(0)
+    z, k, x = torch.rand(1, 3, 8, 8), torch.ones(3, 3) / 9, torch.rand(1, 3, 4, 4)
+    target = {"z": z, "z_inf": z, "kernel": k, "x": x}[where]
+    target.view(-1)[0] = float("inf") if where == "z_inf" else float("nan")
+    x_pseudo, guide = fastfuse.spatial_degrade_sam(z, k, 2, x, backend=backend)
+    expected = fastfuse.sam_map(x_pseudo, x, backend="torch")
+    assert torch.equal(guide.isnan(), expected.isnan()) and guide.isnan().any()
+
+
+@pytest.mark.parametrize("backend", SAM_GUIDE_BACKENDS)
+def test_spatial_degrade_sam_guide_is_scale_invariant(backend):
+    torch.manual_seed(1)
+    z, k, x = torch.rand(1, 3, 8, 8), torch.ones(3, 3) / 9, torch.rand(1, 3, 4, 4)
+    _, small = fastfuse.spatial_degrade_sam(z, k, 2, x, backend="torch")
+    _, big = fastfuse.spatial_degrade_sam(z * 1e20, k, 2, x * 1e20, backend=backend)
+    torch.testing.assert_close(big, small, rtol=1e-4, atol=1e-4)

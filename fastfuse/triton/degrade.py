@@ -219,34 +219,53 @@ def _degrade_sam_kernel(xp_ptr, sam_ptr, z_ptr, k_ptr, x_ptr, C, H, W, Ho, Wo, k
     tile_mask = (oh < Ho)[:, None] & (ow < Wo)[None, :]
     x_tile = x_ptr + b * s_xb + oh.to(tl.int64)[:, None] * s_xh + ow.to(tl.int64)[None, :] * s_xw
     xp_tile = xp_ptr + (b * C * Ho + oh[:, None]) * Wo + ow[None, :]
-    sum_pp = tl.zeros((BH, BW), dtype=tl.float32)
-    sum_xx = tl.zeros((BH, BW), dtype=tl.float32)
+    # Pass 1: blur and store X', and the largest magnitude of each spectrum (the SAM is scale
+    # invariant, and squaring raw fp32 values overflows above ~1e19), plus whether a value is
+    # NaN or ±inf (the reference's angle is NaN there: tl.maximum would drop a NaN).
+    peak_p = tl.zeros((BH, BW), dtype=tl.float32)
+    peak_x = tl.zeros((BH, BW), dtype=tl.float32)
+    bad = tl.zeros((BH, BW), dtype=tl.int1)
     for c in range(C):
         c64 = b * 0 + c  # int64 band index
         blurred = _blur_at(z_ptr + b * s_zb + c64 * s_zc, k_ptr + c64 * s_kc, oh, ow, tile_mask, H, W, ksize,
                            ratio, off_h, off_w, s_zh, s_zw, s_ki, s_kj, MODE, tl.float32)
         stored = blurred.to(xp_ptr.dtype.element_ty)
         tl.store(xp_tile + c64 * Ho * Wo, stored, mask=tile_mask)
-        pv = stored.to(tl.float32)  # the angle is that of the rounded X', as sam_map(X', X) sees it
-        xv = tl.load(x_tile + c64 * s_xc, mask=tile_mask, other=0).to(tl.float32)
+        pv = tl.abs(stored.to(tl.float32))  # the angle is that of the rounded X', as sam_map(X', X) sees it
+        xv = tl.abs(tl.load(x_tile + c64 * s_xc, mask=tile_mask, other=0).to(tl.float32))
+        bad = bad | ~(pv < float("inf")) | ~(xv < float("inf"))
+        peak_p = tl.maximum(peak_p, pv)
+        peak_x = tl.maximum(peak_x, xv)
+    tl.debug_barrier()  # X' written by other threads of this program is read back below
+    scale_p = tl.where(peak_p > 0, 1.0 / peak_p, 1.0)
+    scale_x = tl.where(peak_x > 0, 1.0 / peak_x, 1.0)
+    # Pass 2: the norms of the peak-scaled spectra (≥ 1 unless zero), as fastfuse.reference.sam.
+    sum_pp = tl.zeros((BH, BW), dtype=tl.float32)
+    sum_xx = tl.zeros((BH, BW), dtype=tl.float32)
+    for c in range(C):
+        c64 = b * 0 + c
+        pv = tl.load(xp_tile + c64 * Ho * Wo, mask=tile_mask, other=0).to(tl.float32) * scale_p
+        xv = tl.load(x_tile + c64 * s_xc, mask=tile_mask, other=0).to(tl.float32) * scale_x
         sum_pp += pv * pv
         sum_xx += xv * xv
-    # Same formula as fastfuse.reference.sam: clamp the squared norms, Kahan's 2·atan2 of the
-    # unit-vector difference and sum (accurate for nearly identical spectra, unlike acos).
-    norm_p = tl.sqrt(tl.maximum(sum_pp, eps * eps))
-    norm_x = tl.sqrt(tl.maximum(sum_xx, eps * eps))
-    has_direction = ~((norm_p <= eps) | (norm_x <= eps))
-    tl.debug_barrier()  # X' written by other threads of this program is read back below
+    norm_p = tl.sqrt(tl.where(sum_pp < tiny, tiny, sum_pp))
+    norm_x = tl.sqrt(tl.where(sum_xx < tiny, tiny, sum_xx))
+    has_direction = ~((peak_p * norm_p <= eps) | (peak_x * norm_x <= eps))
+    inv_p = scale_p / norm_p
+    inv_x = scale_x / norm_x
+    # Pass 3: Kahan's 2·atan2 of the unit-vector difference and sum (accurate for nearly
+    # identical spectra, unlike acos).
     diff = tl.zeros((BH, BW), dtype=tl.float32)
     summ = tl.zeros((BH, BW), dtype=tl.float32)
     for c in range(C):
         c64 = b * 0 + c  # int64 band index
-        pv = tl.load(xp_tile + c64 * Ho * Wo, mask=tile_mask, other=0).to(tl.float32) / norm_p
-        xv = tl.load(x_tile + c64 * s_xc, mask=tile_mask, other=0).to(tl.float32) / norm_x
+        pv = tl.load(xp_tile + c64 * Ho * Wo, mask=tile_mask, other=0).to(tl.float32) * inv_p
+        xv = tl.load(x_tile + c64 * s_xc, mask=tile_mask, other=0).to(tl.float32) * inv_x
         diff += (pv - xv) * (pv - xv)
         summ += (pv + xv) * (pv + xv)
-    angle = 2.0 * _atan2_nonneg(tl.sqrt(tl.maximum(diff, tiny)), tl.sqrt(tl.maximum(summ, tiny)))
+    angle = 2.0 * _atan2_nonneg(tl.sqrt(tl.where(diff < tiny, tiny, diff)), tl.sqrt(tl.where(summ < tiny, tiny, summ)))
     angle = tl.where(has_direction, angle, 1.5707963267948966) * scale
+    angle = tl.where(bad, float("nan"), angle)
     sam = sam_ptr + (b * Ho + oh[:, None]) * Wo + ow[None, :]
     tl.store(sam, angle.to(sam_ptr.dtype.element_ty), mask=tile_mask)
 
