@@ -335,9 +335,39 @@ def _cases(op: str, quick: bool) -> Optional[list[Case]]:
         cases = [_degrade_sam_case(1, 4, 8, 4, 2, "circular"), _degrade_sam_case(2, 3, 9, 3, 3, "reflect")]
         if quick:
             cases = [_degrade_sam_case(1, 3, 6, 3, 2, "circular"), _degrade_sam_case(1, 2, 7, 3, 3, "reflect")]
+    elif op == "channel_attention":
+        cases = [_channel_attention_case((2, 8, 5, 7), heads=2), _channel_attention_case((1, 3, 1, 9), heads=1),
+                 _channel_attention_case((1, 6, 11), heads=3)]
+    elif op == "subspace_guidance":
+        cases = [_subspace_guidance_case(1, 9, 3, 8, 2), _subspace_guidance_case(2, 5, 2, 6, 3)]
     else:
         return None
     return cases
+
+
+def _channel_attention_case(shape, heads: int) -> Case:
+    def build(g):
+        return {name: torch.randn(shape, generator=g, dtype=torch.float64) for name in ("q", "k", "v")} | \
+            {"heads": heads}
+
+    return Case(f"{'x'.join(map(str, shape))} heads={heads}", build, positional=("q", "k", "v"),
+                grad=("q", "k", "v"), noncontiguous=("k",))
+
+
+def _subspace_guidance_case(batch, bands, rank, size, ratio) -> Case:
+    # A gradient itself (forward only): the loss and both gradients are compared, each O(size²).
+    def build(g):
+        R = torch.rand(3, bands, generator=g, dtype=torch.float64)
+        return {"A": torch.rand(batch, rank, size, size, generator=g, dtype=torch.float64),
+                "E": torch.rand(bands, rank, generator=g, dtype=torch.float64),
+                "R": R / R.sum(1, keepdim=True),
+                "X": torch.rand(batch, bands, size // ratio, size // ratio, generator=g, dtype=torch.float64),
+                "Y": torch.rand(batch, 3, size, size, generator=g, dtype=torch.float64),
+                "kernel": torch.rand(3, 3, generator=g, dtype=torch.float64) / 4.5, "ratio": ratio, "lam": 0.5}
+
+    return Case(f"B={batch} C={bands} d={rank} {size}x{size} r={ratio}", build,
+                positional=("A", "E", "R", "X", "Y", "kernel", "ratio", "lam"), tol_scale=10.0,
+                output_dtype=torch.float32)   # the loss is accumulated and returned in fp32
 
 
 # --------------------------------------------------------------------------- running one check
