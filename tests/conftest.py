@@ -27,3 +27,13 @@ def shared_data():
     if path is None:
         pytest.skip("the shared data folder (../shared/data beside the checkout) is not present")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: a second OpenMP thread only adds synchronisation (and contention on a shared
+    machine). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ def numpy_channel_attention(q, k, v, scale, heads, normalize, eps=1e-12):
     return out.reshape(q.shape)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes: a second OpenMP thread only adds synchronisation (and contention on a shared machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(shape_q, ck, dtype=torch.float64, seed=0, requires_grad=False):

@@ -10,13 +10,7 @@ from testing_utils import backend_params
 TINY = dict(channels=8, blocks=2, stages=2, heads=2, backend="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes: a second OpenMP thread only adds synchronisation (and contention on a shared machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(ratio=4, lr_size=4, batch=1, hsi=5, msi=3, seed=0):

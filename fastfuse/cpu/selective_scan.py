@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastfuse.cpu._extension import load
-from fastfuse.reference.selective_scan import state_dtype
+from fastfuse.reference.selective_scan import state_dtype, zero_gradients
 
 _kernels = load("selective_scan")  # ImportError with the reason → the cpu backend is unavailable
 
@@ -69,10 +69,7 @@ def selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bi
         raise ValueError(f"fastfuse.selective_scan: backward got chunk states of shape {tuple(chunk_states.shape)}, "
                          f"expected {(batch, dim, n_chunks, n_state)} for chunk={chunk}")
     if batch * dim * length == 0:  # nothing to scan: every gradient is zero (or empty)
-        return (torch.zeros_like(u), torch.zeros_like(delta), torch.zeros_like(A), torch.zeros_like(B),
-                torch.zeros_like(C), None if D is None else torch.zeros_like(D),
-                None if z is None else torch.zeros_like(z),
-                None if delta_bias is None else torch.zeros_like(delta_bias))
+        return zero_gradients(u, delta, A, B, C, D, z, delta_bias)
     sdtype = state_dtype(u.dtype)
     like = dict(dtype=sdtype)
     du = torch.empty((batch, dim, length), **like)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from fastfuse.cuda import DTYPE_CODES, extension, on_device, require_cuda
-from fastfuse.reference.selective_scan import state_dtype
+from fastfuse.reference.selective_scan import state_dtype, zero_gradients
 
 MAX_D_STATE = 256
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -161,10 +161,7 @@ def selective_scan_backward(dout, dlast_state, u, delta, A, B, C, D, z, delta_bi
         raise ValueError(f"fastfuse.cuda.{fn}: chunk_states must have shape {(batch, dim, n_chunks, n_state)} "
                          f"for chunk={chunk}, got {tuple(chunk_states.shape)}")
     if batch * dim * length == 0:  # nothing to scan: every gradient is zero (or empty)
-        return (torch.zeros_like(u), torch.zeros_like(delta), torch.zeros_like(A), torch.zeros_like(B),
-                torch.zeros_like(C), None if D is None else torch.zeros_like(D),
-                None if z is None else torch.zeros_like(z),
-                None if delta_bias is None else torch.zeros_like(delta_bias))
+        return zero_gradients(u, delta, A, B, C, D, z, delta_bias)
     t, acc, bc_code = _prepare(u, delta, A, B, C, D, z, delta_bias)
     # The gradient of a reduction arrives expanded (stride 0): the kernel reads it densely.
     dout = dout.to(u.dtype).contiguous()

@@ -111,6 +111,14 @@ def scan_with_states(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_s
     return y.to(u.dtype), last_state, chunk_states
 
 
+def zero_gradients(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> tuple:
+    """The gradients of a scan over nothing (B·D·L = 0): zeros shaped like each input, None for
+    absent ones; every backend's backward returns this for empty inputs."""
+    return (torch.zeros_like(u), torch.zeros_like(delta), torch.zeros_like(A), torch.zeros_like(B),
+            torch.zeros_like(C), None if D is None else torch.zeros_like(D),
+            None if z is None else torch.zeros_like(z), None if delta_bias is None else torch.zeros_like(delta_bias))
+
+
 def _chunk_length(rows: int, save_every: Optional[int]) -> int:
     chunk = MAX_CHUNK
     while chunk > MIN_CHUNK and rows * chunk * chunk > DECAY_ELEMENTS_BUDGET:
