@@ -27,7 +27,11 @@ def _run_setup(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     """setup.py build_ext of the cpu family cross_scan into tmp_path (never into the package)."""
     if not (ROOT / "setup.py").is_file():
         pytest.skip("setup.py is not part of this install (tests run from an installed package)")
-    full_env = {**os.environ, "FASTFUSE_SKIP_CUDA_BUILD": "1", "FASTFUSE_CPU_FAMILIES": "cross_scan", **env}
+    # The caller's build switches (CI exports FASTFUSE_REQUIRE_CPU_BUILD=1) must not leak into the
+    # case under test: each test states the ones it means.
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("FASTFUSE_REQUIRE_CPU_BUILD", "FASTFUSE_SKIP_CPU_BUILD", "CXX", "CC")}
+    full_env = {**inherited, "FASTFUSE_SKIP_CUDA_BUILD": "1", "FASTFUSE_CPU_FAMILIES": "cross_scan", **env}
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
            "--build-temp", str(tmp_path / "tmp")]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
