@@ -94,6 +94,31 @@ def _fwdbwd(fn):
     return run
 
 
+# Bytes a memory-bound case must move at the least (inputs read once, outputs written once; for
+# fwd+bwd the backward reads what it needs again): the report's bandwidth column is bytes / p50.
+MIN_BYTES: dict[str, int] = {}
+COMPILE = {"enabled": True}  # --no-compile turns the torch.compile peers off (their first call compiles)
+
+
+def compiled(fn: Callable) -> Optional[Callable]:
+    """torch.compile of plain-PyTorch code, as a user would try it; None when switched off."""
+    return torch.compile(fn, dynamic=False) if COMPILE["enabled"] else None
+
+
+def _add(providers: dict, name: str, fn: Optional[Callable]) -> None:
+    if fn is not None:
+        providers[name] = fn
+
+
+def mamba_selective_scan_ref() -> Optional[Callable]:
+    """mamba-ssm's pure-PyTorch loop (selective_scan_ref), when mamba-ssm is installed."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+    except Exception:  # not installed, or its CUDA extension refuses to import on this machine
+        return None
+    return selective_scan_ref
+
+
 def ssim_cases():
     x, y = _cave()
     xg, _ = _cave(requires_grad=True)
@@ -123,8 +148,12 @@ def ssim_cases():
                                                    use_sample_covariance=False, data_range=1.0)
     except ImportError:
         skimage_fn = None
-    valid = {"fastfuse-cpu", "fastfuse-torch (reference)", "pytorch-msssim"}
-    reflect = {"fastfuse-cpu", "fastfuse-torch (reference)", "kornia", "torchmetrics"}
+    from fastfuse.reference.ssim import ssim_map as reference_ssim_map
+    compiled_reference = compiled(reference_ssim_map)
+    if compiled_reference is not None:
+        peers["torch.compile (reference)"] = lambda a, b, pad: compiled_reference(a, b, padding=pad).mean()
+    valid = {"fastfuse-cpu", "fastfuse-torch (reference)", "torch.compile (reference)", "pytorch-msssim"}
+    reflect = {"fastfuse-cpu", "fastfuse-torch (reference)", "torch.compile (reference)", "kornia", "torchmetrics"}
     for pad, names in (("valid", valid), ("reflect", reflect)):
         fwd = {n: (lambda f=f, pad=pad: f(x, y, pad)) for n, f in peers.items() if n in names}
         if pad == "valid" and skimage_fn is not None:
@@ -145,39 +174,115 @@ def sam_cases():
         providers["torchmetrics"] = lambda a: spectral_angle_mapper(a, y)
     except ImportError:
         pass
+    from fastfuse.reference.sam import sam_map as reference_sam_map
+    compiled_sam = compiled(reference_sam_map)
+    if compiled_sam is not None:
+        providers["torch.compile (reference)"] = lambda a: compiled_sam(a, y).mean()
+    cube = x.numel() * x.element_size()
+    MIN_BYTES["sam 1x31x512x512 fwd"] = 2 * cube            # read x, y
+    MIN_BYTES["sam 1x31x512x512 fwd+bwd"] = 5 * cube        # forward; backward reads x, y again, writes dx
     return {"sam 1x31x512x512 fwd": {n: (lambda f=f: f(x)) for n, f in providers.items()},
             "sam 1x31x512x512 fwd+bwd": {n: _fwdbwd(lambda f=f: f(xg)) for n, f in providers.items()}}
 
 
 def degrade_cases():
     z, _ = _cave(2)
-    kernel = torch.ones(8, 8) / 64
+    zg = z.clone().requires_grad_(True)
+    # A Gaussian-like separable 8×8 blur (asymmetric kernels work too: the plain versions flip it).
+    taps = torch.exp(-0.5 * ((torch.arange(8.0) - 3.5) / 2.0) ** 2)
+    kernel = torch.outer(taps, taps) / torch.outer(taps, taps).sum()
     R = torch.rand(3, 31)
     R = R / R.sum(1, keepdim=True)
+    ratio, size = 8, z.shape[-1]
+    x_low = fastfuse.spatial_degrade(z, kernel, ratio)
+    xg = x_low.clone().requires_grad_(True)
+    Rg = R.clone().requires_grad_(True)
+    F = torch.nn.functional
 
-    def blur_then_decimate():  # what a user writes: full-resolution circular blur, then keep every 8th pixel
-        padded = torch.nn.functional.pad(z, (3, 4, 3, 4), mode="circular")
-        full = torch.nn.functional.conv2d(padded, kernel.expand(31, 1, 8, 8), groups=31)
+    def blur_then_decimate(img):  # what a user writes: full-resolution circular blur, then keep every 8th pixel
+        padded = F.pad(img, (3, 4, 3, 4), mode="circular")
+        full = F.conv2d(padded, kernel.flip(-1, -2).expand(31, 1, 8, 8), groups=31)
         return full[..., 3::8, 3::8]
 
+    def upsample_then_blur(low):  # its adjoint as a user writes it: zero-filled upsampling, transposed blur
+        up = low.new_zeros(1, 31, size, size)
+        up[..., 3::8, 3::8] = low
+        return F.conv2d(F.pad(up, (4, 3, 4, 3), mode="circular"), kernel.expand(31, 1, 8, 8), groups=31)
+
+    def einsum_response(img, weights):
+        return torch.einsum("cC,bChw->bchw", weights, img)
+
     small, _ = _cave(3, size=64)
+    small_kernel = torch.ones(4, 4) / 16
     msi = fastfuse.spectral_response(small, R)
-    lr = fastfuse.spatial_degrade(small, kernel, 4)
-    return {
-        "spatial_degrade 1x31x512x512 k=8 r=8 fwd": {
-            "fastfuse-auto": lambda: fastfuse.spatial_degrade(z, kernel, 8),
-            "plain torch (blur then decimate)": blur_then_decimate},
-        "spectral_response 1x31x512x512 -> 3 fwd": {
-            "fastfuse-auto": lambda: fastfuse.spectral_response(z, R),
-            "plain torch (einsum)": lambda: torch.einsum("cC,bChw->bchw", R, z)},
-        "spectral_response_ssim 1x31x64x64 fwd": {
-            "fastfuse-cpu": lambda: fastfuse.spectral_response_ssim(small, R, msi, padding="zero", backend="cpu"),
-            "fastfuse-torch (reference)": lambda: fastfuse.spectral_response_ssim(small, R, msi, padding="zero",
-                                                                                  backend="torch")},
-        "spatial_degrade_sam 1x31x64x64 r=4 fwd": {
-            "fastfuse-cpu": lambda: fastfuse.spatial_degrade_sam(small, kernel, 4, lr, backend="cpu"),
-            "fastfuse-torch (reference)": lambda: fastfuse.spatial_degrade_sam(small, kernel, 4, lr, backend="torch")},
-    }
+    lr = fastfuse.spatial_degrade(small, small_kernel, 4)
+    cases = {}
+    for label, ours, plain, args, grad_args in (
+            ("spatial_degrade 1x31x512x512 k=8 r=8", lambda a: fastfuse.spatial_degrade(a, kernel, ratio),
+             blur_then_decimate, (z,), (zg,)),
+            ("spatial_degrade_adjoint 1x31x64x64 -> 512 k=8 r=8",
+             lambda a: fastfuse.spatial_degrade_adjoint(a, kernel, ratio, (size, size)), upsample_then_blur,
+             (x_low,), (xg,)),
+            ("spectral_response 1x31x512x512 -> 3", lambda a, w: fastfuse.spectral_response(a, w), einsum_response,
+             (z, R), (zg, Rg))):
+        plain_compiled = compiled(plain)
+        fwd = {"fastfuse-auto": lambda f=ours, a=args: f(*a), "plain torch": lambda f=plain, a=args: f(*a)}
+        _add(fwd, "torch.compile (plain torch)", plain_compiled and (lambda f=plain_compiled, a=args: f(*a)))
+        bwd = {"fastfuse-auto": _fwdbwd(lambda f=ours, a=grad_args: f(*a)),
+               "plain torch": _fwdbwd(lambda f=plain, a=grad_args: f(*a))}
+        _add(bwd, "torch.compile (plain torch)", plain_compiled and _fwdbwd(lambda f=plain_compiled, a=grad_args: f(*a)))
+        cases[f"{label} fwd"], cases[f"{label} fwd+bwd"] = fwd, bwd
+    cube, low, msi_bytes = z.numel() * 4, x_low.numel() * 4, 3 * size * size * 4
+    MIN_BYTES.update({
+        "spatial_degrade 1x31x512x512 k=8 r=8 fwd": cube + low,
+        "spatial_degrade 1x31x512x512 k=8 r=8 fwd+bwd": 2 * (cube + low),
+        "spatial_degrade_adjoint 1x31x64x64 -> 512 k=8 r=8 fwd": cube + low,
+        "spatial_degrade_adjoint 1x31x64x64 -> 512 k=8 r=8 fwd+bwd": 2 * (cube + low),
+        "spectral_response 1x31x512x512 -> 3 fwd": cube + msi_bytes,
+        "spectral_response 1x31x512x512 -> 3 fwd+bwd": 3 * cube + 2 * msi_bytes,  # + read z for dR, write dz
+    })
+    cases["spectral_response_ssim 1x31x64x64 fwd"] = {
+        "fastfuse-cpu": lambda: fastfuse.spectral_response_ssim(small, R, msi, padding="zero", backend="cpu"),
+        "fastfuse-torch (reference)": lambda: fastfuse.spectral_response_ssim(small, R, msi, padding="zero",
+                                                                              backend="torch")}
+    cases["spatial_degrade_sam 1x31x64x64 r=4 fwd"] = {
+        "fastfuse-cpu": lambda: fastfuse.spatial_degrade_sam(small, small_kernel, 4, lr, backend="cpu"),
+        "fastfuse-torch (reference)": lambda: fastfuse.spatial_degrade_sam(small, small_kernel, 4, lr,
+                                                                           backend="torch")}
+    return cases
+
+
+def cross_scan_cases():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 96, 64, 64, generator=g)
+    xg = x.clone().requires_grad_(True)
+
+    def plain_scan(img):  # the four VMamba directions with torch view ops
+        rows = img.flatten(2)
+        cols = img.transpose(2, 3).flatten(2)
+        return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+    def plain_merge(ys):
+        b, _, c, length = ys.shape
+        h = w = int(length ** 0.5)
+        forward = ys[:, :2] + ys[:, 2:].flip(-1)
+        return forward[:, 0] + forward[:, 1].view(b, c, w, h).transpose(2, 3).reshape(b, c, length)
+
+    ys = plain_scan(x)
+    ysg = ys.clone().requires_grad_(True)
+    cases = {}
+    for label, ours, plain, arg, grad_arg in (
+            ("cross_scan 1x96x64x64", lambda a: fastfuse.cross_scan(a), plain_scan, x, xg),
+            ("cross_merge 1x4x96x4096", lambda a: fastfuse.cross_merge(a.view(1, 4, 96, 64, 64)), plain_merge, ys,
+             ysg)):
+        plain_compiled = compiled(plain)
+        fwd = {"fastfuse-auto": lambda f=ours, a=arg: f(a), "plain torch": lambda f=plain, a=arg: f(a)}
+        _add(fwd, "torch.compile (plain torch)", plain_compiled and (lambda f=plain_compiled, a=arg: f(a)))
+        bwd = {"fastfuse-auto": _fwdbwd(lambda f=ours, a=grad_arg: f(a)),
+               "plain torch": _fwdbwd(lambda f=plain, a=grad_arg: f(a))}
+        _add(bwd, "torch.compile (plain torch)", plain_compiled and _fwdbwd(lambda f=plain_compiled, a=grad_arg: f(a)))
+        cases[f"{label} fwd"], cases[f"{label} fwd+bwd"] = fwd, bwd
+    return cases
 
 
 def scan_cases():
@@ -196,6 +301,19 @@ def scan_cases():
             "fastfuse-cpu": _fwdbwd(lambda: fastfuse.selective_scan(ug, delta, A, B, C, backend="cpu")),
             "plain torch loop": _fwdbwd(lambda: torch_loop_selective_scan(ug, delta, A, B, C))},
     }
+    mamba_ref = mamba_selective_scan_ref()
+    if mamba_ref is not None:
+        cases["selective_scan B=1 D=384 N=16 L=1024 fwd"]["mamba-ssm selective_scan_ref"] = \
+            lambda: mamba_ref(u, delta, A, B, C)
+        cases["selective_scan B=1 D=384 N=16 L=1024 fwd+bwd"]["mamba-ssm selective_scan_ref"] = \
+            _fwdbwd(lambda: mamba_ref(ug, delta, A, B, C))
+    if COMPILE["enabled"]:
+        # torch.compile of the chunked reference (64 unrolled chunks); the 1024-step loop is not compiled:
+        # its graph would be 1024 steps long.
+        from fastfuse.reference.selective_scan import selective_scan as reference_scan
+        compiled_scan = torch.compile(reference_scan, dynamic=False)
+        cases["selective_scan B=1 D=384 N=16 L=1024 fwd"]["torch.compile (reference)"] = \
+            lambda: compiled_scan(u, delta, A, B, C)
     blocks = {name: fastfuse.nn.SS2D(d_model=96, d_state=16, channel_first=True, backend=name) for name in
               ("cpu", "torch")}
     blocks["torch"].load_state_dict(blocks["cpu"].state_dict())
@@ -203,33 +321,50 @@ def scan_cases():
     with torch.no_grad():
         cases["SS2D 1x96x64x64 fwd"] = {"fastfuse-cpu": lambda: blocks["cpu"](x),
                                         "fastfuse-torch (reference)": lambda: blocks["torch"](x)}
+    xg = x.clone().requires_grad_(True)
+    cases["SS2D 1x96x64x64 fwd+bwd"] = {"fastfuse-cpu": _fwdbwd(lambda: blocks["cpu"](xg)),
+                                        "fastfuse-torch (reference)": _fwdbwd(lambda: blocks["torch"](xg))}
     return cases
 
 
 def attention_and_guidance_cases():
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(4, 64, 64, 64, generator=g) for _ in range(3))
+    cases = {}
+    for batch, channels, side, heads in ((4, 64, 64, 2), (2, 31, 128, 1)):
+        q, k, v = (torch.randn(batch, channels, side, side, generator=g) for _ in range(3))
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
 
-    def eager():
-        qn = torch.nn.functional.normalize(q.flatten(2).view(4, 2, 32, -1), dim=-1)
-        kn = torch.nn.functional.normalize(k.flatten(2).view(4, 2, 32, -1), dim=-1)
-        attn = torch.softmax(qn @ kn.transpose(-1, -2), dim=-1)
-        return (attn @ v.flatten(2).view(4, 2, 32, -1)).view_as(q)
+        def eager(q, k, v, heads=heads):
+            b, c = q.shape[:2]
+            split = (b, heads, c // heads, -1)
+            qn = torch.nn.functional.normalize(q.flatten(2).view(split), dim=-1)
+            kn = torch.nn.functional.normalize(k.flatten(2).view(split), dim=-1)
+            attn = torch.softmax(qn @ kn.transpose(-1, -2), dim=-1)
+            return (attn @ v.flatten(2).view(split)).view_as(q)
+
+        def ours(q, k, v, heads=heads):
+            return fastfuse.channel_attention(q, k, v, heads=heads, backend="cpu")
+
+        label = f"channel_attention {batch}x{channels}x{side}x{side} heads={heads}"
+        eager_compiled = compiled(eager)
+        fwd = {"fastfuse-cpu": lambda q=q, k=k, v=v, f=ours: f(q, k, v),
+               "eager torch composition": lambda q=q, k=k, v=v, f=eager: f(q, k, v)}
+        _add(fwd, "torch.compile (eager composition)", eager_compiled and (lambda q=q, k=k, v=v: eager_compiled(q, k, v)))
+        bwd = {"fastfuse-cpu": _fwdbwd(lambda f=ours, t=(qg, kg, vg): f(*t)),
+               "eager torch composition": _fwdbwd(lambda f=eager, t=(qg, kg, vg): f(*t))}
+        _add(bwd, "torch.compile (eager composition)", eager_compiled and _fwdbwd(lambda t=(qg, kg, vg): eager_compiled(*t)))
+        cases[f"{label} fwd"], cases[f"{label} fwd+bwd"] = fwd, bwd
 
     C, d, H, ratio = 103, 8, 64, 4
     A, E = torch.rand(1, d, H, H, generator=g), torch.rand(C, d, generator=g)
     R = torch.rand(4, C, generator=g)
     kernel = torch.ones(4, 4) / 16
     X, Y = torch.rand(1, C, H // ratio, H // ratio, generator=g), torch.rand(1, 4, H, H, generator=g)
-    return {
-        "channel_attention 4x64x64x64 heads=2 fwd": {
-            "fastfuse-cpu": lambda: fastfuse.channel_attention(q, k, v, heads=2, backend="cpu"),
-            "eager torch composition": eager},
-        "subspace_guidance C=103 d=8 64x64 r=4": {
-            "fastfuse-cpu": lambda: fastfuse.subspace_guidance(A, E, R, X, Y, kernel, ratio, backend="cpu"),
-            "torch composition + autograd": lambda: fastfuse.subspace_guidance(A, E, R, X, Y, kernel, ratio,
-                                                                               backend="torch")},
-    }
+    cases["subspace_guidance C=103 d=8 64x64 r=4"] = {
+        "fastfuse-cpu": lambda: fastfuse.subspace_guidance(A, E, R, X, Y, kernel, ratio, backend="cpu"),
+        "torch composition + autograd": lambda: fastfuse.subspace_guidance(A, E, R, X, Y, kernel, ratio,
+                                                                           backend="torch")}
+    return cases
 
 
 def metrics_cases():
@@ -239,8 +374,8 @@ def metrics_cases():
         "fastfuse-torch (reference)": lambda: fastfuse.metrics.evaluate(x, y, 8, backend="torch")}}
 
 
-GROUPS = {"ssim": ssim_cases, "sam": sam_cases, "degrade": degrade_cases, "scan": scan_cases,
-          "attention": attention_and_guidance_cases, "metrics": metrics_cases}
+GROUPS = {"ssim": ssim_cases, "sam": sam_cases, "degrade": degrade_cases, "cross_scan": cross_scan_cases,
+          "scan": scan_cases, "attention": attention_and_guidance_cases, "metrics": metrics_cases}
 
 
 # --------------------------------------------------------------------------- runner
@@ -260,6 +395,34 @@ def run_case(providers: dict, repeats: int, budget: float) -> dict:
             for name, t in times.items()}
 
 
+def _ours(rows: dict):
+    return next((r for n, r in rows.items() if n.startswith("fastfuse-cpu") or n.startswith("fastfuse-auto")), None)
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """Per case: fastfuse's p50, the fastest provider that is not fastfuse (its own torch
+    reference included only when nothing else computes the case) and the ratio; the share of the
+    run's copy bandwidth for memory-bound cases."""
+    out = []
+    for case, rows in result["cases"].items():
+        ours = _ours(rows)
+        if ours is None:
+            continue
+        others = {n: r for n, r in rows.items() if not n.startswith("fastfuse")}
+        label = "peer"
+        if not others:
+            others, label = {n: r for n, r in rows.items() if r is not ours}, "own reference"
+        row = {"case": case, "fastfuse_ms": ours["p50_ms"], "baseline": None, "baseline_ms": None, "ratio": None,
+               "baseline_kind": label, "bandwidth_share": None}
+        if others:
+            name, best = min(others.items(), key=lambda item: item[1]["p50_ms"])
+            row.update(baseline=name, baseline_ms=best["p50_ms"], ratio=best["p50_ms"] / ours["p50_ms"])
+        if case in result.get("min_bytes", {}):
+            row["bandwidth_share"] = result["min_bytes"][case] / (ours["p50_ms"] * 1e-3) / (result["copy_gbps"] * 1e9)
+        out.append(row)
+    return out
+
+
 def render(result: dict) -> str:
     lines = [f"# CPU benchmark, {result['date']} — {result['cpu']}, {result['threads']} threads", "",
              f"fastfuse {result['versions']['fastfuse']}, torch {result['versions']['torch']}, python "
@@ -268,10 +431,20 @@ def render(result: dict) -> str:
              f"**{result['copy_gbps']:.2f} GB/s**.", "",
              "p50 of interleaved repeated calls; peak = resident memory one call adds at its peak (glibc's mmap "
              "threshold fixed at 128 KB so freed buffers are returned and every call's allocations are seen). "
-             "Ratio = provider time / fastfuse time (> 1: fastfuse is faster).", ""]
+             "Ratio = provider time / fastfuse time (> 1: fastfuse is faster).", "",
+             "## Summary: fastfuse against the fastest other provider of each case", "",
+             "| case | fastfuse ms | fastest other | its ms | speed-up | share of copy bandwidth |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in summary_rows(result):
+        other = "-" if row["baseline"] is None else row["baseline"] + (
+            "" if row["baseline_kind"] == "peer" else " (no peer installed)")
+        ms = "-" if row["baseline_ms"] is None else f"{row['baseline_ms']:.1f}"
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+        share = "-" if row["bandwidth_share"] is None else f"{100 * row['bandwidth_share']:.0f} %"
+        lines.append(f"| {row['case']} | {row['fastfuse_ms']:.1f} | {other} | {ms} | {ratio} | {share} |")
+    lines += ["", "## Every provider", ""]
     for case, rows in result["cases"].items():
-        ours = next((r for n, r in rows.items() if n.startswith("fastfuse-cpu") or n.startswith("fastfuse-auto")),
-                    None)
+        ours = _ours(rows)
         lines += [f"### {case}", "", "| provider | p50 ms | runs | peak MB | vs fastfuse |", "| --- | --- | --- | --- | --- |"]
         for name, r in rows.items():
             ratio = f"{r['p50_ms'] / ours['p50_ms']:.2f}×" if ours else "-"
@@ -299,7 +472,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of repeats per provider and case")
     parser.add_argument("--only", help=f"comma-separated groups of {sorted(GROUPS)}")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile peers (each compiles on its first call: minutes on 2 cores)")
     args = parser.parse_args(argv)
+    COMPILE["enabled"] = not args.no_compile
     groups = args.only.split(",") if args.only else list(GROUPS)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
@@ -317,6 +493,7 @@ def main(argv=None) -> int:
             for name, r in rows.items():
                 print(f"  {name:32s} {r['p50_ms']:10.1f} ms  ({r['runs']} runs, peak +{r['peak_mb'] or 0:.0f} MB)",
                       flush=True)
+    result["min_bytes"] = {case: n for case, n in MIN_BYTES.items() if case in result["cases"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in result["cpu"].lower()).strip("-")

@@ -140,3 +140,30 @@ def test_markdown_ratio_against_best_peer():
 def test_device_slug():
     assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert report.results_stem("out", "2026-05-09T10:00:00+00:00", "cpu").name == "2026-05-09_cpu"
+
+
+def test_cpu_benchmark_summary_picks_fastest_peer_and_bandwidth():
+    """bench/bench_cpu.py's summary: the fastest non-fastfuse provider, and bytes / time / copy bandwidth."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_cpu.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_under_test", path)
+    bench_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cpu)
+    result = {"date": "2026-01-01", "cpu": "test cpu", "threads": 2, "command": "x", "copy_gbps": 10.0,
+              "versions": {"fastfuse": "0", "torch": "0", "python": "3"},
+              "min_bytes": {"sam fwd": 10_000_000},
+              "cases": {
+                  "sam fwd": {"fastfuse-cpu": {"p50_ms": 2.0, "runs": 3, "peak_mb": 1.0},
+                              "fastfuse-torch (reference)": {"p50_ms": 1.0, "runs": 3, "peak_mb": 1.0},
+                              "peer a": {"p50_ms": 8.0, "runs": 3, "peak_mb": None},
+                              "peer b": {"p50_ms": 5.0, "runs": 3, "peak_mb": 2.0}},
+                  "guidance": {"fastfuse-cpu": {"p50_ms": 1.0, "runs": 3, "peak_mb": 0.0},
+                               "fastfuse-torch (reference)": {"p50_ms": 4.0, "runs": 3, "peak_mb": 0.0}}}}
+    rows = {r["case"]: r for r in bench_cpu.summary_rows(result)}
+    assert rows["sam fwd"]["baseline"] == "peer b" and rows["sam fwd"]["ratio"] == 2.5
+    assert abs(rows["sam fwd"]["bandwidth_share"] - 0.5) < 1e-12  # 10 MB in 2 ms = 5 GB/s of 10 GB/s
+    assert rows["guidance"]["baseline_kind"] == "own reference" and rows["guidance"]["ratio"] == 4.0
+    text = bench_cpu.render(result)
+    assert "| sam fwd | 2.0 | peer b | 5.0 | 2.50× | 50 % |" in text
+    assert "fastfuse-torch (reference) (no peer installed)" in text

@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import fastfuse
+from fastfuse import backends
 import fastfuse.ops.selective_scan as scan_ops
 import fastfuse.reference.selective_scan as reference_module
 from fastfuse.reference.selective_scan import selective_scan as reference_scan
@@ -171,8 +173,12 @@ def test_bad_inputs():
         scan(u, delta, -torch.rand(d, 0), torch.randn(b, 0, L), torch.randn(b, 0, L))
     with pytest.raises(ValueError, match=r"B must have shape \(2, 3, 8\)"):
         scan(u, delta, A, torch.randn(b, N, L + 1), C)  # mismatched L
-    with pytest.raises(ValueError, match="B must be 3-D or 4-D"):
+    with pytest.raises(ValueError, match="B must be 2-D or 3-D or 4-D"):
+        scan(u, delta, A, B[0, 0], C)
+    with pytest.raises(ValueError, match=r"B must have shape \(4, 3\)"):  # a constant B is (D, N)
         scan(u, delta, A, B[0], C)
+    with pytest.raises(TypeError, match="A must be real; mamba-ssm's complex-valued A"):
+        scan(u, delta, torch.complex(A, A), torch.randn(b, N, 2 * L), torch.randn(b, N, 2 * L))
     with pytest.raises(ValueError, match=r"C must have shape \(2, 3, 8\)"):
         scan(u, delta, A, B, torch.randn(b, N, L - 1))
     with pytest.raises(ValueError, match="must divide D = 4"):
@@ -521,3 +527,67 @@ def test_cross_selective_scan_large_A_logs_is_finite_on_torch():
     y = fastfuse.cross_selective_scan(x, torch.randn(K, R + 2 * N, D) * 0.3, None, torch.randn(K, D, R) * 0.3,
                                       torch.zeros(K, D), A_logs, torch.ones(K * D), backend="torch")
     assert torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------- mamba-ssm's other B/C layouts
+def _per_channel_bc(t, batch, dim, length):
+    """Any accepted B/C layout as float64 (batch, D, N, L), written out independently of the op."""
+    t = t.double()
+    if t.dim() == 2:  # constant (D, N)
+        return t[None, :, :, None].repeat(batch, 1, 1, length)
+    if t.dim() == 3:
+        t = t[:, None]
+    return t.repeat_interleave(dim // t.shape[1], dim=1)
+
+
+BC_LAYOUTS = [  # (B layout, C layout): "const" (D, N), "3d" (batch, N, L), "g<k>" (batch, k, N, L)
+    ("const", "3d"), ("3d", "const"), ("const", "const"), ("3d", "g1"), ("g2", "3d"), ("g2", "const"),
+    ("g4", "g2"),
+]
+
+
+@pytest.mark.parametrize("layouts", BC_LAYOUTS, ids=["-".join(x) for x in BC_LAYOUTS])
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan") + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_mamba_ssm_bc_layouts(layouts, device, backend):
+    """Constant (D, N) B/C and B, C of different ranks or group counts, as selective_scan_fn accepts."""
+    batch, dim, length, n_state = 2, 4, 19, 3
+    g = torch.Generator().manual_seed(3)
+
+    def make(layout):
+        if layout == "const":
+            return torch.randn(dim, n_state, generator=g, dtype=F64)
+        if layout == "3d":
+            return torch.randn(batch, n_state, length, generator=g, dtype=F64)
+        return torch.randn(batch, int(layout[1:]), n_state, length, generator=g, dtype=F64)
+
+    case = make_case(batch, dim, length, n_state, seed=5)
+    case["B"], case["C"] = make(layouts[0]), make(layouts[1])
+    fp32 = {k: (None if v is None else v.float().to(device).requires_grad_()) for k, v in case.items()}
+    out = fastfuse.selective_scan(**fp32, delta_softplus=True, backend=backend)
+    oracle_inputs = {k: (None if v is None else v.clone().requires_grad_()) for k, v in case.items()}
+    expanded = dict(oracle_inputs, B=_per_channel_bc(oracle_inputs["B"], batch, dim, length),
+                    C=_per_channel_bc(oracle_inputs["C"], batch, dim, length))
+    expected, _ = naive_scan(**expanded, delta_softplus=True)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-4, rtol=1e-4)
+    grad = torch.randn(out.shape, generator=g, dtype=F64)
+    out.backward(grad.float().to(device))
+    expected.backward(grad)
+    for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+        assert fp32[name].grad.shape == case[name].shape, name
+        torch.testing.assert_close(fp32[name].grad.double().cpu(), oracle_inputs[name].grad, atol=2e-3, rtol=2e-3,
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_growing_scan_near_fp32_limit_is_finite(backend):
+    """A > 0 with a zero start state: every state is finite (the last ≈ −7e37), so is the output."""
+    if backends.unavailable_reason("selective_scan", backend, torch.device("cpu")):
+        pytest.skip(backends.unavailable_reason("selective_scan", backend, torch.device("cpu")))
+    length = 9
+    u, delta = -torch.ones(1, 1, length), torch.ones(1, 1, length)
+    A = torch.full((1, 1), math.log(7e37) / (length - 1))
+    B = C = torch.ones(1, 1, length)
+    out = fastfuse.selective_scan(u, delta, A, B, C, backend=backend)
+    expected = naive_scan(u, delta, A, B, C)[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)

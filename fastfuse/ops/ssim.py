@@ -73,6 +73,12 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: 
     zeros outside, fused-ssim) or "reflect" (same size, mirrored without repeating the edge,
     kornia / torchmetrics; repeated mirroring when the image is smaller than the window's radius).
     Differentiable in x and y. Full conventions: fastfuse.reference.ssim.
+
+    Range: the fp32 kernels (cpu, triton, cuda; fp16/bf16 are computed in fp32) form products of
+    two squared moments, so they are accurate while |x|, |y| and data_range stay below ~1e9 (HSI
+    radiance, reflectance and 8–16-bit counts are far inside); beyond that, SSIM being unchanged
+    when x, y and data_range are divided by one factor, rescale the data or pass float64 (or
+    backend="torch", whose fp32 formula rescales by a power of two itself).
     """
     reference.check_ssim_args(OP, x, y, window_size, sigma, data_range, k1, k2, padding)
     return _ssim_map(x, y, int(window_size), float(sigma), float(data_range), float(k1), float(k2), padding,

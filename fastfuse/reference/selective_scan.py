@@ -143,6 +143,17 @@ def _segment_sums(x: torch.Tensor) -> torch.Tensor:
     return torch.where(causal, sums, torch.full((), float("-inf"), dtype=x.dtype, device=x.device))
 
 
+def _carried(log_decay: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """exp(S_t) ⊙ x_start, exactly 0 where x_start is 0 (the first chunk's zero state).
+
+    A growing scan (A > 0) can have exp(S_t) = inf over a chunk although every state it reaches is
+    finite, and inf · 0 would spread NaN; the double `where` keeps the gradient finite too."""
+    start = state[..., None, :]
+    zero = start == 0
+    safe = torch.where(zero, torch.zeros((), dtype=log_decay.dtype, device=log_decay.device), log_decay)
+    return torch.where(zero, torch.zeros((), dtype=start.dtype, device=start.device), torch.exp(safe) * start)
+
+
 def _scan_chunk(dt, u, A, Bt, Ct, state):
     """One chunk in closed form. dt, u: (b, G, d, T); A: (G, d, N); Bt, Ct: (b, G, T, N);
     state: (b, G, d, N). Returns y (b, G, d, T) and the state after the chunk."""
@@ -150,6 +161,6 @@ def _scan_chunk(dt, u, A, Bt, Ct, state):
     log_decay = torch.cumsum(step_decay, dim=-2)          # S_t from the chunk start: (b, G, d, T, N)
     inputs = (dt * u)[..., None] * Bt[:, :, None]  # delta_s·B_s·u_s: (b, G, d, T, N)
     decay = torch.exp(_segment_sums(step_decay))   # exp(S_t − S_s): (b, G, d, T, T, N)
-    states = torch.einsum("bgdtsn,bgdsn->bgdtn", decay, inputs) + torch.exp(log_decay) * state[..., None, :]
+    states = torch.einsum("bgdtsn,bgdsn->bgdtn", decay, inputs) + _carried(log_decay, state)
     y = torch.einsum("bgdtn,bgtn->bgdt", states, Ct)
     return y, states[..., -1, :]

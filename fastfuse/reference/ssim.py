@@ -20,7 +20,10 @@ Conventions (also in docs/design.md, "ssim_map / ssim"):
   image size works: index k maps to the whole-sample-symmetric extension of period 2(n − 1)
   (a 1-pixel side maps every index to that pixel). Where pad < size this is exactly torch's.
 - Input dtypes: fp16/bf16 are computed in fp32, fp32 in fp32, float64 in float64; the map comes
-  back in the input dtype. NaN or ±inf in an input makes NaN every map value whose window reaches
+  back in the input dtype. fp32 computation divides x, y and data_range by a power of two when
+  the data's magnitude would overflow the formula's fourth powers (above ~1e9), which leaves SSIM
+  unchanged, so any finite input has a finite map. (The fp32 kernels do not rescale: see
+  fastfuse.ssim_map for their range.) NaN or ±inf in an input makes NaN every map value whose window reaches
   it (and nothing else).
 - Empty batch or channel dimension: an empty map of the right shape. Zero height or width, and
   padding="valid" with an image smaller than the window, are errors.
@@ -143,13 +146,36 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: flo
     dtype = compute_dtype(x.dtype)
     xf = x.to(dtype).reshape(batch * channels, height, width)
     yf = y.to(dtype).reshape(batch * channels, height, width)
+    c1 = (float(k1) * float(data_range)) ** 2
+    c2 = (float(k2) * float(data_range)) ** 2
+    if dtype != torch.float64:  # float64 squares cannot overflow for finite fp32-range data
+        scale = overflow_safe_scale(xf, yf)
+        xf, yf = xf / scale, yf / scale
+        # (k·data_range / s)², not (k·data_range)² / s²: the latter overflows fp32 for a huge data_range.
+        c1, c2 = (float(k1) * float(data_range) / scale).square(), (float(k2) * float(data_range) / scale).square()
     # The five moments filtered in one batched convolution.
     moments = gaussian_filter(torch.cat([xf, yf, xf * xf, yf * yf, xf * yf]), window_size, float(sigma), padding)
     mu_x, mu_y, e_xx, e_yy, e_xy = moments.chunk(5)
-    c1 = (float(k1) * float(data_range)) ** 2
-    c2 = (float(k2) * float(data_range)) ** 2
     out = ssim_from_moments(mu_x, mu_y, e_xx, e_yy, e_xy, c1, c2)
     return out.reshape(batch, channels, out_h, out_w).to(x.dtype)
+
+
+def overflow_safe_scale(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A power of two s ≥ 1 such that every finite |x/s|, |y/s| is ≤ 2^30, as a 0-d tensor.
+
+    SSIM is unchanged when x, y and data_range are all divided by one s (every term of the
+    formula scales by s²), so computing on x/s, y/s with C1/s², C2/s² keeps the products of two
+    squared moments (fourth powers of the data) within fp32 for data of any finite magnitude. Data in a normal range gets s = 1 exactly (the
+    results are bit-identical to the unscaled formula); a power of two divides without rounding.
+    No host sync: the scale stays on the device. NaN and ±inf are left out of the maximum so they
+    still poison only the windows that reach them.
+    """
+    big = torch.zeros((), dtype=x.dtype, device=x.device)
+    for t in (x, y):
+        a = t.abs()
+        big = torch.maximum(big, torch.where(torch.isfinite(a), a, torch.zeros_like(a)).amax())
+    exponent = torch.clamp(torch.ceil(torch.log2(big)) - 30, min=0)
+    return torch.exp2(exponent)
 
 
 def reduce_map(smap: torch.Tensor, reduction: str, fn: str = "ssim") -> torch.Tensor:
