@@ -38,7 +38,7 @@ outputs (the fake kernel gives the output shapes).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -63,6 +63,10 @@ class OpDefinition:
     backward_hook: Optional[Callable] = None
     forward_op: object = None
     backward_op: object = None
+    # (all outputs empty, largest output numel) per call signature: the fake kernel on meta tensors
+    # costs tens of µs a call, as much as a small kernel, and its answer depends only on shapes,
+    # dtypes and the plain arguments.
+    _output_sizes: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, *call):
         """The public entry: `op(*args, backend)` after the checks no dispatcher error would explain."""
@@ -86,10 +90,34 @@ class OpDefinition:
         largest = max((args[i].numel() for i in self.tensor_args if args[i] is not None), default=0)
         if largest == 0:
             return 0
-        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-        outs = self.fake(*meta)
-        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        return max([largest, *(o.numel() for o in outs)])
+        return max(largest, self.output_sizes(args)[1])
+
+    def output_sizes(self, args: Sequence) -> tuple[bool, int]:
+        """(every output is empty, the largest output's numel), from the fake kernel, memoised."""
+        try:
+            key = tuple(_signature_key(a) for a in args)
+            hash(key)
+        except TypeError:  # an unhashable plain argument: no memo
+            key = None
+        known = self._output_sizes.get(key) if key is not None else None
+        if known is None:
+            outs = self.fake(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+            known = (all(o.numel() == 0 for o in outs), max((o.numel() for o in outs), default=0))
+            if key is not None:
+                if len(self._output_sizes) >= 1024:  # many distinct shapes (dynamic sizes): start over
+                    self._output_sizes.clear()
+                self._output_sizes[key] = known
+        return known
+
+
+def _signature_key(a):
+    """What a fake kernel's output shapes can depend on: tensor shapes and dtypes, plain values."""
+    if isinstance(a, torch.Tensor):
+        return (tuple(a.shape), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return tuple(_signature_key(v) for v in a)
+    return (type(a), a)
 
 
 def _refuse_transforms(name: str, tensors: Sequence) -> None:
@@ -243,8 +271,7 @@ def _register_backward(spec: OpDefinition, forward_schema: str) -> None:
 
 
 def _all_outputs_empty(spec: OpDefinition, args: Sequence) -> bool:
-    outs = spec.fake(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
-    return all(o.numel() == 0 for o in (outs if isinstance(outs, (tuple, list)) else (outs,)))
+    return spec.output_sizes(args)[0]
 
 
 def _empty_for(t: Optional[torch.Tensor], args: Sequence, spec: OpDefinition) -> torch.Tensor:

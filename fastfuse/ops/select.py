@@ -5,8 +5,8 @@ Points are the flat positions l = h·W + w of a (B, C, H, W) map, or the positio
 sequence. Indices are int64 or int32; `valid` is an optional (B, K) bool mask of the slots that
 take part (the second output of `select_points` with a tensor k).
 
-Out-of-range indices. On CPU the torch backend checks that every valid slot's index lies in
-[0, L) and raises an IndexError naming the slot (negative indices are never wrapped). On CUDA that
+Out-of-range indices. On CPU the torch and cpu backends check that every valid slot's index lies
+in [0, L) and raise an IndexError naming the slot (negative indices are never wrapped). On CUDA that
 check would need a host sync, so it is not made: the torch backend hits torch's device-side
 assert, while the triton backend treats such slots as invalid (a gather reads 0, a scatter ignores
 them). Only the values of valid slots are ever read.
@@ -32,11 +32,10 @@ SELECT, GATHER, GATHER_SUM, SCATTER, ADD_SCATTER = (
 _T = "fastfuse.triton.select"
 _R = "fastfuse.reference.select"
 
-# select_points has only the torch path: torch.topk on GPU is what a kernel would have to beat,
-# and the rest is a few linear elementwise passes over (B, L).
+# select_points has no GPU kernel: torch.topk on GPU is what a kernel would have to beat, and the
+# rest is a few linear elementwise passes over (B, L). The cpu backend (fastfuse/cpu/select.py,
+# registered with the other cpu kernels) serves every op of the family, select_points included.
 _O = "fastfuse.ops.select"
-# select_points has only the torch path: torch.topk on GPU is what a kernel would have to beat,
-# and the rest is a few linear elementwise passes over (B, L).
 backends.register(SELECT, "torch", f"{_O}:_select_torch")
 # The torch kernels are the reference behind an index check (CPU only, see the module docstring);
 # the adapters give every backward the define_op convention (grads, then the op's arguments).
