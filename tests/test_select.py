@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastfuse
+from fastfuse import backends
 from testing_utils import DTYPES, assert_close, backend_params, non_contiguous
 
 
@@ -206,21 +207,24 @@ def test_torch_backend_raises_on_out_of_range_index():
         fastfuse.scatter_points(feat, torch.rand(1, 2, 1), torch.tensor([[-1]]), backend="torch")
 
 
-def test_gradcheck_reference():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck(backend):
+    if backends.unavailable_reason("gather_points", backend, torch.device("cpu")) is not None:
+        pytest.skip(str(backends.unavailable_reason("gather_points", backend, torch.device("cpu"))))
     g = torch.Generator().manual_seed(5)
     a = torch.rand(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.rand(2, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     values = torch.rand(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     idx, valid = _slots(g, 2, 5, 12)
     for v in (None, valid):
-        assert torch.autograd.gradcheck(lambda t: fastfuse.gather_points(t, idx, v, backend="torch"), (a,))
-        assert torch.autograd.gradcheck(lambda s, t: fastfuse.gather_sum_points(s, t, idx, v, backend="torch"),
+        assert torch.autograd.gradcheck(lambda t: fastfuse.gather_points(t, idx, v, backend=backend), (a,))
+        assert torch.autograd.gradcheck(lambda s, t: fastfuse.gather_sum_points(s, t, idx, v, backend=backend),
                                         (a, b))
         for reduce in ("add", "replace"):
             assert torch.autograd.gradcheck(
-                lambda s, t: fastfuse.scatter_points(s, t, idx, reduce=reduce, valid=v, backend="torch"), (a, values))
+                lambda s, t: fastfuse.scatter_points(s, t, idx, reduce=reduce, valid=v, backend=backend), (a, values))
         assert torch.autograd.gradcheck(
-            lambda s, t, u: fastfuse.add_scatter_points(s, t, u, idx, v, backend="torch"), (a, b, values))
+            lambda s, t, u: fastfuse.add_scatter_points(s, t, u, idx, v, backend=backend), (a, b, values))
 
 
 def test_gather_scatter_empty():
@@ -289,7 +293,7 @@ def test_torch_compile_fullgraph():
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels (triton through the interpreter on CPU), against the float64 reference.
+# Kernels (the C++ cpu backend, and triton through the interpreter on CPU), against the float64 reference.
 
 KERNEL_SHAPES = [((2, 5, 3, 7), 11), ((1, 1, 1, 1), 3), ((1, 3, 40), 37)]
 
@@ -367,17 +371,23 @@ def test_kernel_scatter(shape, K, dtype, device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_params("scatter_points"))
 def test_kernel_many_duplicates_and_out_of_range(device, backend):
-    # Out-of-range indices are invalid slots in the kernels (the torch backend raises instead).
+    # Out-of-range indices are invalid slots in the GPU kernels; on CPU every backend raises the
+    # torch backend's IndexError (then the duplicates are checked with those slots masked).
     base = torch.rand(2, 3, 10, device=device)
     idx = torch.tensor([[4, 4, 4, 4, 4, 10, -1, 0], [9, 9, 0, 9, 12, 9, 9, 9]], device=device)
     values = torch.rand(2, 3, 8, device=device)
     in_range = (idx >= 0) & (idx < 10)
     safe = torch.where(in_range, idx, torch.zeros_like(idx))
+    valid = None
+    if device == "cpu" and backend == "cpu":
+        with pytest.raises(IndexError, match=r"idx\[0, 5\] = 10 is an index outside \[0, L\)"):
+            fastfuse.scatter_points(base, values, idx, backend=backend)
+        valid = in_range
     for reduce in ("add", "replace"):
-        out = fastfuse.scatter_points(base, values, idx, reduce=reduce, backend=backend)
+        out = fastfuse.scatter_points(base, values, idx, reduce=reduce, valid=valid, backend=backend)
         expected = scatter_oracle(base.cpu(), values.cpu(), safe.cpu(), in_range.cpu(), reduce)
         torch.testing.assert_close(out.cpu(), expected)
-    gathered = fastfuse.gather_points(base, idx, backend=backend)
+    gathered = fastfuse.gather_points(base, idx, valid, backend=backend)
     torch.testing.assert_close(gathered.cpu(), gather_oracle(base.cpu(), safe.cpu(), in_range.cpu()))
 
 
@@ -390,3 +400,179 @@ def test_kernel_empty(device, backend):
     out.sum().backward()
     assert (feat.grad == 0).all()
     torch.testing.assert_close(fastfuse.scatter_points(feat, out, empty_idx, backend=backend), feat)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cpu backend's C++ kernels (fastfuse/cpu/select.py), beyond the shared kernel tests above:
+# selection over rows long enough for several radix rounds, awkward shapes, strided inputs and
+# gradients, the torch backend's index errors, and results that do not depend on the threads.
+
+CPU_UNAVAILABLE = backends.unavailable_reason("gather_points", "cpu", torch.device("cpu"))
+needs_cpu = pytest.mark.skipif(CPU_UNAVAILABLE is not None, reason=str(CPU_UNAVAILABLE))
+SELECT_OPS = ("select_points", "gather_points", "gather_sum_points", "scatter_points", "add_scatter_points")
+
+
+def _special_scores(score: torch.Tensor) -> torch.Tensor:
+    """NaN, ±inf and both zeros sprinkled over a row (NaN above +inf, -0.0 tied with +0.0)."""
+    score = score.clone()
+    score[:, ::7] = float("nan")
+    score[:, 3::11] = float("inf")
+    score[:, 5::13] = float("-inf")
+    score[:, 1::9] = -0.0
+    score[:, 2::9] = 0.0
+    return score
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_select_matches_the_oracle(dtype):
+    g = torch.Generator().manual_seed(20)
+    L = 3000
+    continuous = torch.randn(3, L, generator=g, dtype=torch.float64).to(dtype)
+    strided = torch.randn(L, 3, generator=g, dtype=torch.float64).to(dtype).t()  # stride 3 along L
+    for score in (continuous, tied_scores((3, L), g, dtype), _special_scores(continuous), strided):
+        for k in (1, 2, 500, L - 1, L):
+            for largest in (False, True):
+                idx = fastfuse.select_points(score, k, largest=largest, backend="cpu")
+                assert idx.dtype == torch.int64 and idx.shape == (3, k) and idx.is_contiguous()
+                torch.testing.assert_close(idx, sort_oracle(score, k, largest), msg=f"k={k} largest={largest}")
+        counts = torch.tensor([0, 1, 777, L + 5])[:3]
+        for capacity in (1, 800, L + 2):
+            got = fastfuse.select_points(score, counts, capacity=capacity, largest=True, backend="cpu")
+            want = fastfuse.select_points(score, counts, capacity=capacity, largest=True, backend="torch")
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"capacity={capacity}"
+
+
+@needs_cpu
+def test_cpu_select_batch_one_and_a_single_point():
+    score = torch.tensor([[2.0]])
+    assert fastfuse.select_points(score, 1, backend="cpu").tolist() == [[0]]
+    idx, valid = fastfuse.select_points(score, torch.tensor([3]), capacity=2, backend="cpu")
+    assert idx.tolist() == [[0, 0]] and valid.tolist() == [[True, False]]
+    idx, valid = fastfuse.select_points(torch.rand(2, 0), torch.tensor([1, 0]), capacity=2, backend="cpu")
+    assert idx.tolist() == [[0, 0], [0, 0]] and not valid.any()
+
+
+# (map shape, K): one point and one slot, K = L, size-1 dims, batch 1, more slots than points.
+CPU_SHAPES = [((1, 1, 1, 1), 1), ((1, 3, 1, 7), 7), ((2, 1, 5, 1), 1), ((3, 4, 6, 5), 30), ((2, 3, 17), 40)]
+
+
+def _cpu_case(shape, K, dtype, g):
+    B, C, L = shape[0], shape[1], int(np.prod(shape[2:]))
+    maps = [torch.rand(shape, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2)]
+    values = torch.rand(B, C, K, generator=g, dtype=torch.float64).to(dtype).double()
+    if K == L:  # a permutation of the points, every slot valid
+        idx = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
+        valid = torch.ones(B, K, dtype=torch.bool)
+    else:
+        idx, valid = _slots(g, B, K, L)
+    return maps, values, idx, valid
+
+
+def _spaced(t: torch.Tensor) -> torch.Tensor:
+    """Same values, every element stride doubled (points evenly spaced but not adjacent)."""
+    return torch.stack([t, t], -1)[..., 0]
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """Same values, rows of points that are not evenly spaced where the shape allows it."""
+    return non_contiguous(t) if t.shape[-1] > 1 and t.shape[-2] > 1 else _spaced(t)
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape,K", CPU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_gather_scatter_against_the_reference(shape, K, dtype):
+    g = torch.Generator().manual_seed(21)
+    (a64, b64), values64, idx, valid = _cpu_case(shape, K, dtype, g)
+    grad_map = _spaced(torch.rand(shape, generator=g, dtype=torch.float64).to(dtype).double())
+    grad_slots = _spaced(torch.rand(values64.shape, generator=g, dtype=torch.float64).to(dtype).double())
+
+    def run(backend, cast, a, b, values, v):
+        leaves = [cast(t).requires_grad_(True) for t in (a, b, values)]
+        x, y, u = leaves
+        outs = {
+            "gather": (fastfuse.gather_points(x, idx, v, backend=backend), (x,), grad_slots),
+            "gather_sum": (fastfuse.gather_sum_points(x, y, idx, v, backend=backend), (x, y), grad_slots),
+            "scatter add": (fastfuse.scatter_points(x, u, idx, valid=v, backend=backend), (x, u), grad_map),
+            "scatter replace": (fastfuse.scatter_points(x, u, idx, reduce="replace", valid=v, backend=backend),
+                                (x, u), grad_map),
+            "add_scatter": (fastfuse.add_scatter_points(x, y, u, idx, v, backend=backend), (x, y, u), grad_map),
+        }
+        return {name: (out, torch.autograd.grad(out, wrt, cast(grad))) for name, (out, wrt, grad) in outs.items()}
+
+    for v in (None, valid):
+        got = run("cpu", lambda t: _strided(t.to(dtype)), a64, b64, values64, v)
+        want = run("torch", lambda t: t.clone(), a64, b64, values64, v)
+        for name, (out, grads) in got.items():
+            ref, ref_grads = want[name]
+            assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+            assert_close(out, ref, dtype, name=name)
+            for i, (d, dref) in enumerate(zip(grads, ref_grads)):
+                assert d.dtype == dtype and d.shape == dref.shape
+                assert_close(d, dref, dtype, name=f"{name} grad {i}")
+
+
+def _calls(feat, other, values, idx, valid):
+    return {
+        "gather": lambda be: fastfuse.gather_points(feat, idx, valid, backend=be),
+        "gather_sum": lambda be: fastfuse.gather_sum_points(feat, other, idx, valid, backend=be),
+        "scatter add": lambda be: fastfuse.scatter_points(feat, values, idx, valid=valid, backend=be),
+        "scatter replace": lambda be: fastfuse.scatter_points(feat, values, idx, reduce="replace", valid=valid,
+                                                              backend=be),
+        "add_scatter": lambda be: fastfuse.add_scatter_points(feat, other, values, idx, valid, backend=be),
+    }
+
+
+@needs_cpu
+def test_cpu_out_of_range_indices_raise_the_torch_backends_error():
+    feat, other, values = torch.rand(2, 3, 2, 5), torch.rand(2, 3, 2, 5), torch.rand(2, 3, 4)
+    for bad in (10, -1, 2**40):
+        idx = torch.tensor([[0, 3, 9, 9], [1, bad, 2, bad]])
+        for name, call in _calls(feat, other, values, idx, None).items():
+            with pytest.raises(IndexError) as want:
+                call("torch")
+            with pytest.raises(IndexError, match=r"idx\[1, 1\] = .* outside \[0, L\) with L = 10") as got:
+                call("cpu")
+            assert str(got.value) == str(want.value), name
+        # In invalid slots the same indices are never read.
+        valid = torch.tensor([[True, True, False, True], [True, False, True, False]])
+        for name, call in _calls(feat, other, values, idx, valid).items():
+            torch.testing.assert_close(call("cpu"), call("torch"), msg=name)
+
+
+@needs_cpu
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """Large enough to run on several threads; many duplicates, so the sums' order matters."""
+    g = torch.Generator().manual_seed(23)
+    B, C, L, K = 2, 16, 64 * 64, 1500
+    feat, other = torch.randn(B, C, 64, 64, generator=g), torch.randn(B, C, 64, 64, generator=g)
+    values = torch.randn(B, C, K, generator=g)
+    idx = torch.randint(0, 40, (B, K), generator=g)  # each of 40 points hit ~37 times
+    valid = torch.rand(B, K, generator=g) > 0.2
+
+    def results():
+        out = {name: call("cpu") for name, call in _calls(feat, other, values, idx, valid).items()}
+        grad = torch.randn(B, C, K, generator=torch.Generator().manual_seed(0))
+        out["gather backward"] = torch.ops.fastfuse.gather_points_backward([grad], [], [True], feat, idx, valid,
+                                                                           "cpu")[0]
+        return out
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = results()
+        torch.set_num_threads(max(2, threads))
+        many = results()
+    finally:
+        torch.set_num_threads(threads)
+    for name in one:
+        assert torch.equal(one[name], many[name]), f"{name} depends on the thread count"
+
+
+@needs_cpu
+def test_auto_picks_the_cpu_kernels_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTFUSE_BACKEND", raising=False)
+    for op in SELECT_OPS:
+        assert backends.resolve(op, "auto", torch.device("cpu"), 100) == "cpu", op

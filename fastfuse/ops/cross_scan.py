@@ -2,17 +2,21 @@
 op declarations.
 
 cross_scan and cross_merge are linear and each other's adjoint, so each one's backward is a call
-of the other op (define_op's `backward=` hook), and double backward comes for free.
+of the other op (define_op's `backward=` hook), and double backward comes for free. VMamba's other
+scan options (scans=1/2, one_by_one) are index permutations written with torch views, flips and
+copies (fastfuse.reference.cross_scan's *_flex), differentiated by torch; channel-last sequences
+are a permute of the kernels' output.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from fastfuse import backends
 from fastfuse._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from fastfuse.ops._define import define_op
+from fastfuse.reference import cross_scan as _reference
 
 SCAN, MERGE, CSS = "cross_scan", "cross_merge", "cross_selective_scan"
 K_DIRECTIONS = 4
@@ -96,43 +100,102 @@ def _check_flag(fn: str, name: str, value) -> bool:
     return value
 
 
-def cross_scan(x: torch.Tensor, *, channel_last: bool = False, backend: str = "auto") -> torch.Tensor:
-    """VMamba's four scan orders of an image: (B, C, H, W) -> (B, 4, C, H·W).
+SCAN_MODES = {0: "cross (4 directions)", 1: "unidirectional", 2: "bidirectional"}
 
-    k=0 row-major, k=1 column-major (transpose), k=2 and k=3 the reverses of k=0 and k=1. With
-    channel_last=True x is (B, H, W, C); the output layout is the same (channel-first sequences).
-    Output in x's dtype. Its backward is cross_merge.
+
+def _check_scans(fn: str, scans) -> int:
+    if isinstance(scans, bool) or not isinstance(scans, int) or scans not in SCAN_MODES:
+        modes = ", ".join(f"{k} = {v}" for k, v in SCAN_MODES.items())
+        raise ValueError(f"fastfuse.{fn}: scans must be one of {modes}; got {scans!r}")
+    return scans
+
+
+def _check_direction_dim(fn: str, name: str, t: torch.Tensor, dim: int, layout: str) -> None:
+    check_tensor(fn, name, t, ndim=5)
+    if t.shape[dim] != K_DIRECTIONS:
+        raise ValueError(f"fastfuse.{fn}: {name} must have shape {layout} with 4 scan directions in dim {dim}, "
+                         f"got {tuple(t.shape)}")
+
+
+def _check_composite_backend(fn: str, backend) -> None:
+    """The torch compositions run on any backend, but a misspelt name is still an error."""
+    backends.check_backend_argument(fn, backend)
+    if backend != "auto" and backend not in backends.BACKENDS:
+        raise ValueError(f"fastfuse.{fn}: backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
+
+
+def _uses_kernels(scans: int, one_by_one: bool) -> bool:
+    # The kernels implement the cross directions; the other options are index permutations that
+    # torch's views, flips and copies express exactly (their autograd is torch's).
+    return scans == 0 and not one_by_one
+
+
+def cross_scan(x: torch.Tensor, *, channel_last: bool = False, scans: int = 0, one_by_one: bool = False,
+               seq_channel_last: bool = False, backend: str = "auto") -> torch.Tensor:
+    """VMamba's scan orders of an image: (B, C, H, W) -> (B, 4, C, H·W).
+
+    k=0 row-major, k=1 column-major (transpose), k=2 and k=3 the reverses of k=0 and k=1.
+    Options (VMamba's csm_triton cross_scan_fn, same meanings):
+      channel_last      x is (B, H, W, C) (VMamba's in_channel_first=False);
+      seq_channel_last  the result is (B, H·W, 4, C) (VMamba's out_channel_first=False);
+      scans             0 = the four cross directions above; 1 = unidirectional (all four
+                        sequences row-major); 2 = bidirectional (k=0, 1 row-major, k=2, 3 reversed);
+      one_by_one        x holds one image per direction, (B, 4, C, H, W) or (B, H, W, 4, C), and
+                        direction k scans image k only.
+    Output in x's dtype. Its backward is cross_merge with the same options. scans=0 without
+    one_by_one runs the cross-scan kernels (`backend`); the other options are exact torch index
+    permutations on any backend.
     """
-    _check_flag(SCAN, "channel_last", channel_last)
-    _image_dims(SCAN, "x", x, channel_last)
-    return _cross_scan(x, channel_last, backend)
+    for name, value in (("channel_last", channel_last), ("one_by_one", one_by_one),
+                        ("seq_channel_last", seq_channel_last)):
+        _check_flag(SCAN, name, value)
+    _check_scans(SCAN, scans)
+    if one_by_one:
+        _check_direction_dim(SCAN, "x", x, 3 if channel_last else 1,
+                             "(B, H, W, 4, C)" if channel_last else "(B, 4, C, H, W)")
+    else:
+        _image_dims(SCAN, "x", x, channel_last)
+    if not _uses_kernels(scans, one_by_one):
+        _check_composite_backend(SCAN, backend)
+        return _reference.cross_scan_flex(x, channel_last, scans, one_by_one, seq_channel_last)
+    ys = _cross_scan(x, channel_last, backend)
+    return ys.permute(0, 3, 1, 2).contiguous() if seq_channel_last else ys
 
 
-def cross_merge(ys: torch.Tensor, *, channel_last: bool = False, backend: str = "auto") -> torch.Tensor:
+def cross_merge(ys: torch.Tensor, *, channel_last: bool = False, scans: int = 0, one_by_one: bool = False,
+                seq_channel_last: bool = False, backend: str = "auto") -> torch.Tensor:
     """Adjoint of cross_scan: (B, 4, C, H, W) -> (B, C, H·W), or (B, H·W, C) with channel_last.
 
     ys[:, k] is direction k's sequence laid out as H×W; each direction is mapped back to row-major
-    pixel order and the four are summed in fp32. Output in ys's dtype. Its backward is cross_scan.
+    pixel order and the four are summed in fp32. With seq_channel_last ys is (B, H, W, 4, C);
+    with one_by_one nothing is summed and the result is (B, 4, C, H·W), or (B, H·W, 4, C) with
+    channel_last. `scans` as in cross_scan. Output in ys's dtype. Its backward is cross_scan.
     """
-    _check_flag(MERGE, "channel_last", channel_last)
-    check_tensor(MERGE, "ys", ys, ndim=5)
-    if ys.shape[1] != K_DIRECTIONS:
-        raise ValueError(f"fastfuse.{MERGE}: ys must have shape (B, 4, C, H, W) with 4 scan directions in dim 1, "
-                         f"got {tuple(ys.shape)}")
-    return _cross_merge(ys, channel_last, backend)
+    for name, value in (("channel_last", channel_last), ("one_by_one", one_by_one),
+                        ("seq_channel_last", seq_channel_last)):
+        _check_flag(MERGE, name, value)
+    _check_scans(MERGE, scans)
+    _check_direction_dim(MERGE, "ys", ys, 3 if seq_channel_last else 1,
+                         "(B, H, W, 4, C)" if seq_channel_last else "(B, 4, C, H, W)")
+    if not _uses_kernels(scans, one_by_one):
+        _check_composite_backend(MERGE, backend)
+        return _reference.cross_merge_flex(ys, channel_last, scans, one_by_one, seq_channel_last)
+    return _cross_merge(ys.permute(0, 3, 4, 1, 2) if seq_channel_last else ys, channel_last, backend)
 
 
 def cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor],
                          dt_projs_weight: torch.Tensor, dt_projs_bias: torch.Tensor, A_logs: torch.Tensor,
-                         Ds: torch.Tensor, *, delta_softplus: bool = True, out_dtype: Optional[torch.dtype] = None,
-                         channel_last: bool = False, backend: str = "auto") -> torch.Tensor:
+                         Ds: torch.Tensor, *, delta_softplus: bool = True,
+                         out_dtype: Union[None, str, torch.dtype] = None, channel_last: bool = False,
+                         backend: str = "auto") -> torch.Tensor:
     """The SS2D core: cross_scan, per-direction projections, selective scan, cross_merge.
 
     x: (B, D, H, W) (or (B, H, W, D) with channel_last; the result has x's layout);
     x_proj_weight (4, R+2N, D); x_proj_bias (4, R+2N) or None; dt_projs_weight (4, D, R);
     dt_projs_bias (4, D); A_logs (4·D, N) with A = -exp(A_logs); Ds (4·D,). N <= 256.
-    Computed in fp32 (fp64 when x is fp64); the result is in out_dtype (default x's dtype),
-    e.g. out_dtype=torch.float32 for VMamba's fp32-out ("oflex") behaviour with half inputs.
+    Computed in fp32 (fp64 when x is fp64); the result is in out_dtype (default x's dtype).
+    out_dtype="oflex" is VMamba's selective-scan behaviour (its `oflex=True` backend, which
+    forward_corev2 always uses): fp32 for fp16/bf16 x, x's dtype otherwise.
     Empty batch or image: an empty result, zero gradients.
     """
     fn = CSS
@@ -157,7 +220,10 @@ def cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bi
     check_tensor(fn, "Ds", Ds, shape=(K_DIRECTIONS * D,))
     check_same_device(fn, x=x, x_proj_weight=x_proj_weight, x_proj_bias=x_proj_bias,
                       dt_projs_weight=dt_projs_weight, dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
+    if isinstance(out_dtype, str) and out_dtype == "oflex":
+        out_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"fastfuse.{fn}: out_dtype must be None or one of {FLOAT_DTYPES}, got {out_dtype!r}")
+        raise TypeError(f"fastfuse.{fn}: out_dtype must be None, 'oflex' or one of {FLOAT_DTYPES}, "
+                        f"got {out_dtype!r}")
     return _cross_selective_scan(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                  delta_softplus, out_dtype, channel_last, backend)

@@ -13,6 +13,17 @@ scan consumes (last dimension contiguous). `channel_last` only names the layout 
 so that with either layout cross_merge is the adjoint of cross_scan (up to reshapes between
 (B, C, L) and (B, C, H, W) or (B, L, C) and (B, H, W, C)). This is VMamba's
 in_channel_first/out_channel_first pair with the sequence side fixed to channel-first.
+
+VMamba's other options (csm_triton's `scans`, `one_by_one` and channel-last sequences) are
+`cross_scan_flex` / `cross_merge_flex` below:
+  scans=0  the four cross directions above;
+  scans=1  unidirectional: all four sequences are the row-major order (k=0);
+  scans=2  bidirectional: k=0, k=1 row-major, k=2, k=3 row-major reversed;
+  one_by_one  the image side carries one image per direction, (B, 4, C, H, W), and direction k
+              scans (or merges back into) image k only: no copies in the scan, no sum in the merge;
+  seq_channel_last  the sequence side is (B, L, 4, C) (VMamba's out_channel_first=False) instead
+              of (B, 4, C, L); the merge then reads ys as (B, H, W, 4, C).
+Each flex merge is the adjoint of the flex scan with the same options.
 """
 from __future__ import annotations
 
@@ -48,6 +59,65 @@ def cross_merge(ys: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
     if channel_last:
         y = y.transpose(1, 2)
     return y.to(ys.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------- VMamba's scan options
+def _direction_maps(scans: int):
+    """Per direction k: (transposed, reversed) of its order relative to row-major (see above)."""
+    return {0: ((False, False), (True, False), (False, True), (True, True)),
+            1: ((False, False),) * 4,
+            2: ((False, False), (False, False), (False, True), (False, True))}[scans]
+
+
+def _image_to_sequence(image: torch.Tensor, transposed: bool, reversed_: bool) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H·W) in one direction's order."""
+    B, C = image.shape[:2]
+    seq = (image.transpose(2, 3) if transposed else image).reshape(B, C, -1)
+    return seq.flip(-1) if reversed_ else seq
+
+
+def _sequence_to_image(seq: torch.Tensor, H: int, W: int, transposed: bool, reversed_: bool) -> torch.Tensor:
+    """Inverse of _image_to_sequence: (B, C, H·W) in a direction's order -> (B, C, H·W) row-major."""
+    B, C, _ = seq.shape
+    seq = seq.flip(-1) if reversed_ else seq
+    return seq.reshape(B, C, W, H).transpose(2, 3).reshape(B, C, H * W) if transposed else seq
+
+
+def cross_scan_flex(x: torch.Tensor, channel_last: bool = False, scans: int = 0, one_by_one: bool = False,
+                    seq_channel_last: bool = False) -> torch.Tensor:
+    """VMamba's cross scan with every option (see the module docstring), in x's dtype.
+
+    x: (B, C, H, W), (B, H, W, C) [channel_last], or with one_by_one (B, 4, C, H, W),
+    (B, H, W, 4, C) [channel_last]. Returns (B, 4, C, H·W), or (B, H·W, 4, C) [seq_channel_last].
+    """
+    if one_by_one:
+        images = x.permute(0, 3, 4, 1, 2) if channel_last else x  # (B, 4, C, H, W)
+        per_direction = [images[:, k] for k in range(4)]
+    else:
+        image = x.permute(0, 3, 1, 2) if channel_last else x
+        per_direction = [image] * 4
+    ys = torch.stack([_image_to_sequence(img, *route)
+                      for img, route in zip(per_direction, _direction_maps(scans))], dim=1)
+    return ys.permute(0, 3, 1, 2).contiguous() if seq_channel_last else ys
+
+
+def cross_merge_flex(ys: torch.Tensor, channel_last: bool = False, scans: int = 0, one_by_one: bool = False,
+                     seq_channel_last: bool = False) -> torch.Tensor:
+    """Adjoint of cross_scan_flex with the same options; sums (if any) in fp32 (fp64 for fp64).
+
+    ys: (B, 4, C, H, W), or (B, H, W, 4, C) [seq_channel_last]. Returns (B, C, H·W), (B, H·W, C)
+    [channel_last], or with one_by_one (B, 4, C, H·W), (B, H·W, 4, C) [channel_last].
+    """
+    if seq_channel_last:
+        ys = ys.permute(0, 3, 4, 1, 2)
+    B, K, C, H, W = ys.shape
+    seq = ys.reshape(B, K, C, H * W)
+    images = [_sequence_to_image(seq[:, k], H, W, *route) for k, route in enumerate(_direction_maps(scans))]
+    if one_by_one:
+        y = torch.stack(images, dim=1)  # (B, 4, C, L)
+        return y.permute(0, 3, 1, 2).contiguous() if channel_last else y.contiguous()
+    y = sum(img.to(compute_dtype(ys.dtype)) for img in images)
+    return (y.transpose(1, 2) if channel_last else y).to(ys.dtype).contiguous()
 
 
 def cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor],
