@@ -90,8 +90,28 @@ def _cave(seed: int = 0, channels: int = 31, size: int = 512, requires_grad: boo
 def _fwdbwd(fn):
     def run():
         out = fn()
-        (out if out.dim() == 0 else out.sum()).backward()
+        loss = out if out.dim() == 0 else out.sum()
+        # Fresh gradients each call (grad of every leaf the graph reaches is dropped first), so no
+        # provider pays for accumulating into the previous call's .grad.
+        for leaf in _leaves(loss):
+            leaf.grad = None
+        loss.backward()
     return run
+
+
+def _leaves(t: torch.Tensor) -> list:
+    """The leaf tensors that require grad and that `t`'s graph reaches."""
+    seen, stack, leaves = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return leaves
 
 
 # Bytes a memory-bound case must move at the least (inputs read once, outputs written once; for

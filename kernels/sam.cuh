@@ -4,11 +4,16 @@
 // makes every channel's load coalesced across a warp. Offsets are 64-bit throughout.
 //
 // The math is the reference's (fastfuse/reference/sam.py), step for step:
-//   nx = sqrt(max(|x|^2, eps^2)), ux = x / nx (same for y); a pixel whose nx or ny is <= eps is
-//   "invalid": right angle, zero gradient. The angle is Kahan's 2*atan2(|ux - uy|, |ux + uy|),
-//   whose squared norms are clamped at the smallest normal number so that identical and
-//   opposite spectra get a zero gradient instead of 0/0. Every clamp is written `v < lo ? lo : v`
-//   so that NaN passes through as in torch.clamp_min (fmaxf would swallow it).
+//   each spectrum is first divided by its peak |value| (1 where that is 0 or NaN), so no square
+//   overflows or underflows and the angle is scale invariant (x * 1e20 gives x's angle);
+//   nx = sqrt(max(|xs|^2, tiny)), ux = xs / nx (same for y); a pixel whose true norm peak * nx
+//   or peak_y * ny is <= eps (eps >= 0, 0 included) is "invalid": right angle, zero gradient,
+//   and its spectra are divided by 1 so that nothing is 0 * inf. NaN compares as valid and
+//   propagates; +-inf makes the scaled spectrum NaN. The angle is Kahan's
+//   2*atan2(|ux - uy|, |ux + uy|), whose squared norms are clamped at the smallest normal
+//   number so that identical and opposite spectra get a zero gradient instead of 0/0. Every
+//   clamp is written `v < lo ? lo : v` so that NaN passes through as in torch.clamp_min (fmaxf
+//   would swallow it).
 //
 // The backward is the exact vector-Jacobian product of that expression (see backward_at): the
 // projections ux.(ux -+ uy) and uy.(ux -+ uy) are accumulated directly rather than derived from
@@ -33,8 +38,29 @@ template <typename A> FASTFUSE_HD A clamp_below(A v, A lo) { return v < lo ? lo 
 constexpr double kHalfPi = 1.57079632679489661923;
 constexpr double kDegreesPerRadian = 57.295779513082320876;  // 180 / pi
 
+// The largest finite value of the accumulation type.
+template <typename A> FASTFUSE_HD A largest();
+template <> FASTFUSE_HD float largest<float>() { return FLT_MAX; }
+template <> FASTFUSE_HD double largest<double>() { return DBL_MAX; }
+
+// v / peak as multiplies, no division (a division's slow path is a call that spills): by the
+// reciprocal, and for a subnormal peak, whose reciprocal overflows, first by 2^64 (exact, and it
+// makes the peak normal) and then by the reciprocal of peak * 2^64. One rounding either way.
+template <typename A>
+struct Unscale {
+  A pre, inverse;
+  FASTFUSE_HD explicit Unscale(A peak = A(1)) {
+    const A direct = A(1) / peak;
+    const bool overflows = !(direct <= largest<A>());
+    pre = overflows ? A(18446744073709551616.0) : A(1);  // 2^64
+    inverse = overflows ? A(1) / (peak * pre) : direct;
+  }
+  FASTFUSE_HD A operator()(A v) const { return v * pre * inverse; }
+};
+
 // One pixel's spectra read from global memory on every pass: any channel count. The passes
-// after the first re-read the same cache lines, which the same thread has just touched.
+// after the first re-read the same cache lines, which the same thread has just touched. After
+// divide_by(px, py) every pass sees the spectra divided by their peaks.
 template <typename T>
 struct StreamedSpectra {
   using A = acc_t<T>;
@@ -42,9 +68,15 @@ struct StreamedSpectra {
   const T* y;
   int64_t channels;
   int64_t stride;  // elements between consecutive channels of one pixel (P)
+  Unscale<A> sx{}, sy{};
+
+  FASTFUSE_HD void divide_by(A px, A py) {
+    sx = Unscale<A>(px);
+    sy = Unscale<A>(py);
+  }
 
   template <typename F> FASTFUSE_HD void for_each(F&& f) const {
-    for (int64_t c = 0; c < channels; ++c) f(c, to_acc(x[c * stride]), to_acc(y[c * stride]));
+    for (int64_t c = 0; c < channels; ++c) f(c, sx(to_acc(x[c * stride])), sy(to_acc(y[c * stride])));
   }
 };
 
@@ -72,6 +104,16 @@ struct CachedSpectra {
     }
   }
 
+  // Scales the registers in place: the later passes pay nothing for it.
+  FASTFUSE_HD void divide_by(A px, A py) {
+    const Unscale<A> sx(px), sy(py);
+#pragma unroll
+    for (int c = 0; c < K; ++c) {
+      xs[c] = sx(xs[c]);
+      ys[c] = sy(ys[c]);
+    }
+  }
+
   template <typename F> FASTFUSE_HD void for_each(F&& f) const {
 #pragma unroll
     for (int c = 0; c < K; ++c) {
@@ -83,28 +125,50 @@ struct CachedSpectra {
 // What the angle and its gradient need from one pixel's two spectra.
 template <typename A>
 struct Geometry {
-  A rx, ry;    // 1 / clamped norms
+  A rx, ry;    // 1 / clamped norms of the scaled spectra (1 where invalid)
+  A gx_scale, gy_scale;  // rx / peak, ry / peak_y: from the scaled spectra's gradient to x's
   A d2, s2;    // |ux - uy|^2 and |ux + uy|^2
   A xa, xb;    // ux.(ux - uy), ux.(ux + uy): only the backward uses these
   A ya, yb;    // uy.(ux - uy), uy.(ux + uy)
   bool valid;  // both norms > eps (true for NaN, so that NaN propagates)
 };
 
-// Two passes: the norms first, then the unit vectors' distances, each a plain sum in A.
+// Like torch.amax(|v|): NaN sticks.
+template <typename A> FASTFUSE_HD A peak_step(A peak, A v) {
+  const A a = v < A(0) ? -v : v;
+  return (a > peak || a != a) ? a : peak;
+}
+
+// Three passes: the peaks, the scaled norms, then the unit vectors' distances, each a plain
+// sum in A. Leaves `s` divided by the peaks.
 template <typename A, typename Spectra>
-FASTFUSE_HD Geometry<A> measure(const Spectra& s, A eps) {
+FASTFUSE_HD Geometry<A> measure(Spectra& s, A eps) {
+  A px = 0, py = 0;
+  s.for_each([&](int64_t, A xv, A yv) {
+    px = peak_step(px, xv);
+    py = peak_step(py, yv);
+  });
+  // The reference divides a zero (or NaN) peak's spectrum by 1, but tests the norm with the
+  // true peak (so a zero spectrum's norm is 0, not sqrt(tiny), and is invalid for eps = 0).
+  const A raw_px = px, raw_py = py;
+  px = px > A(0) ? px : A(1);
+  py = py > A(0) ? py : A(1);
+  s.divide_by(px, py);
   A sxx = 0, syy = 0;
   s.for_each([&](int64_t, A xv, A yv) {
     sxx += xv * xv;
     syy += yv * yv;
   });
-  const A eps2 = eps * eps;
-  const A nx = sqrt_acc(clamp_below(sxx, eps2));
-  const A ny = sqrt_acc(clamp_below(syy, eps2));
   Geometry<A> g;
-  g.valid = !(nx <= eps || ny <= eps);
-  g.rx = A(1) / nx;
-  g.ry = A(1) / ny;
+  const A tiny = smallest_normal<A>();
+  const A nx = sqrt_acc(clamp_below(sxx, tiny));  // in [1, sqrt(C)] unless the spectrum is 0
+  const A ny = sqrt_acc(clamp_below(syy, tiny));
+  g.valid = !(raw_px * nx <= eps || raw_py * ny <= eps);
+  g.rx = g.valid ? A(1) / nx : A(1);
+  g.ry = g.valid ? A(1) / ny : A(1);
+  // May be inf for a subnormal peak, as the true gradient (~1 / peak) is; unused where invalid.
+  g.gx_scale = g.rx / px;
+  g.gy_scale = g.ry / py;
   g.d2 = g.s2 = g.xa = g.xb = g.ya = g.yb = A(0);
   s.for_each([&](int64_t, A xv, A yv) {
     const A ux = xv * g.rx, uy = yv * g.ry;
@@ -133,19 +197,22 @@ FASTFUSE_HD void forward_at(const T* x, const T* y, T* out, int64_t channels, in
                             acc_t<T> eps, bool degrees) {
   using A = acc_t<T>;
   if constexpr (K > 0) {
-    *out = from_acc<T>(angle_of(measure<A>(CachedSpectra<T, K>(x, y, channels, stride), eps), degrees));
+    CachedSpectra<T, K> s(x, y, channels, stride);
+    *out = from_acc<T>(angle_of(measure<A>(s, eps), degrees));
   } else {
-    *out = from_acc<T>(angle_of(measure<A>(StreamedSpectra<T>{x, y, channels, stride}, eps), degrees));
+    StreamedSpectra<T> s{x, y, channels, stride};
+    *out = from_acc<T>(angle_of(measure<A>(s, eps), degrees));
   }
 }
 
 // Vector-Jacobian product of angle = 2*atan2(D, S), D = |ux - uy|, S = |ux + uy|:
 //   dangle/d(D^2) = S / (D (D^2 + S^2)),  dangle/d(S^2) = -D / (S (D^2 + S^2))
 // (each zero where its clamp is active), then through a = ux - uy and b = ux + uy to the unit
-// vectors, then through ux = x / |x|, whose Jacobian projects out the radial part:
-//   gx = (gux - ux (ux . gux)) / nx,   gux = 2 g_d2 a + 2 g_s2 b,   guy = -2 g_d2 a + 2 g_s2 b.
+// vectors, then through ux = xs / |xs|, whose Jacobian projects out the radial part, and
+// xs = x / peak (the peak is a constant of the angle):
+//   gx = (gux - ux (ux . gux)) / (nx peak),   gux = 2 g_d2 a + 2 g_s2 b,   guy = -2 g_d2 a + 2 g_s2 b.
 template <typename T, typename Spectra>
-FASTFUSE_HD void backward_pixel(const Spectra& s, acc_t<T> grad, T* gx, T* gy, int64_t stride,
+FASTFUSE_HD void backward_pixel(Spectra& s, acc_t<T> grad, T* gx, T* gy, int64_t stride,
                                 acc_t<T> eps, bool degrees) {
   using A = acc_t<T>;
   const Geometry<A> g = measure<A>(s, eps);
@@ -165,8 +232,9 @@ FASTFUSE_HD void backward_pixel(const Spectra& s, acc_t<T> grad, T* gx, T* gy, i
   s.for_each([&](int64_t c, A xv, A yv) {
     const A ux = xv * g.rx, uy = yv * g.ry;
     const A a = ux - uy, b = ux + uy;
-    gx[c * stride] = from_acc<T>((two_gd2 * a + two_gs2 * b - radial_x * ux) * g.rx);
-    gy[c * stride] = from_acc<T>((-two_gd2 * a + two_gs2 * b - radial_y * uy) * g.ry);
+    // An invalid pixel's gradient is 0, written as such: its scale may be inf (a tiny peak).
+    gx[c * stride] = from_acc<T>(g.valid ? (two_gd2 * a + two_gs2 * b - radial_x * ux) * g.gx_scale : A(0));
+    gy[c * stride] = from_acc<T>(g.valid ? (-two_gd2 * a + two_gs2 * b - radial_y * uy) * g.gy_scale : A(0));
   });
 }
 
@@ -174,9 +242,11 @@ template <typename T, int K>
 FASTFUSE_HD void backward_at(const T* x, const T* y, T grad, T* gx, T* gy, int64_t channels,
                              int64_t stride, acc_t<T> eps, bool degrees) {
   if constexpr (K > 0) {
-    backward_pixel<T>(CachedSpectra<T, K>(x, y, channels, stride), to_acc(grad), gx, gy, stride, eps, degrees);
+    CachedSpectra<T, K> s(x, y, channels, stride);
+    backward_pixel<T>(s, to_acc(grad), gx, gy, stride, eps, degrees);
   } else {
-    backward_pixel<T>(StreamedSpectra<T>{x, y, channels, stride}, to_acc(grad), gx, gy, stride, eps, degrees);
+    StreamedSpectra<T> s{x, y, channels, stride};
+    backward_pixel<T>(s, to_acc(grad), gx, gy, stride, eps, degrees);
   }
 }
 

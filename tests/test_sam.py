@@ -315,3 +315,135 @@ def test_metric_sam_is_scale_invariant():
     pred = (gt + 0.05 * torch.rand_like(gt))
     assert fastfuse.metrics.sam(pred * 1e20, gt * 1e20).item() == pytest.approx(fastfuse.metrics.sam(pred, gt).item(),
                                                                                  rel=1e-4)
+
+
+# --------------------------------------------------------------------------- cpu kernel: tiles, needs, cancellation
+
+def _cpu_available():
+    return fastfuse.backends.unavailable_reason("sam_map", "cpu", torch.device("cpu")) is None
+
+
+needs_cpu_kernel = pytest.mark.skipif(not _cpu_available(), reason="the cpu backend's sam kernel is not built")
+
+
+# Tiles are up to 1024 pixels of the flattened image (fewer for many channels: 96 at C = 300), so
+# these cut tiles mid-way, end on a partial tile, and (a crop) tile row by row instead.
+@needs_cpu_kernel
+@pytest.mark.parametrize("shape,crop", [((1, 31, 33, 40), False), ((2, 7, 45, 23), False), ((1, 300, 7, 15), False),
+                                        ((1, 4, 40, 40), True), ((1, 1, 37, 29), False)])
+def test_cpu_tile_boundaries(shape, crop):
+    g = torch.Generator().manual_seed(11)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    y64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    if crop:
+        x64, y64 = x64[:, :, 1:-2, 3:], y64[:, :, 1:-2, 3:]
+    grad64 = torch.rand((x64.shape[0], x64.shape[2], x64.shape[3]), generator=g, dtype=torch.float64)
+    ref, gx_ref, gy_ref = _reference_with_grads(x64, y64, grad64)
+    out, gx, gy = _kernel_with_grads(x64.float(), y64.float(), grad64.float(), "cpu")
+    assert_close(out, ref, torch.float32, atol_scale=10, name="angle")
+    assert_close(gx, gx_ref, torch.float32, rtol_scale=5, atol_scale=10, name="dx")
+    assert_close(gy, gy_ref, torch.float32, rtol_scale=5, atol_scale=10, name="dy")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_nearly_identical_and_opposite_spectra(dtype):
+    # Angles of 1e-5..1e-3 rad from 0 and from 180°, mixed with ordinary ones in one tile: where
+    # 2 ∓ 2cos cancels, the kernel sums the distances from the unit vectors as the reference does.
+    g = torch.Generator().manual_seed(12)
+    x64 = torch.rand(1, 31, 16, 20, generator=g, dtype=torch.float64) + 0.1
+    noise = torch.randn(x64.shape, generator=g, dtype=torch.float64)
+    size = torch.logspace(-5, -3, 20, dtype=torch.float64).view(1, 1, 1, 20)
+    y64 = x64 * (1 + size * noise)
+    y64[:, :, 4:8] = -y64[:, :, 4:8]                                            # near 180°
+    y64[:, :, 8:10] = torch.rand(1, 31, 2, 20, generator=g, dtype=torch.float64)  # ordinary angles
+    x, y = x64.to(dtype), y64.to(dtype)
+    grad64 = torch.rand(1, 16, 20, generator=g, dtype=torch.float64)
+    ref, gx_ref, gy_ref = _reference_with_grads(x.double(), y.double(), grad64, degrees=False)
+    out, gx, gy = _kernel_with_grads(x, y, grad64.to(dtype), "cpu", degrees=False)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-7, atol=1e-7)
+        torch.testing.assert_close(gy, gy_ref, rtol=1e-7, atol=1e-7)
+    else:
+        # Relative to the angle itself (down to 1e-5 rad), not only to its 180° range.
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-9)
+        assert_close(gx, gx_ref, torch.float32, rtol_scale=5, atol_scale=10, name="dx")
+        assert_close(gy, gy_ref, torch.float32, rtol_scale=5, atol_scale=10, name="dy")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)])
+def test_cpu_backward_needs_flags(needs):
+    from fastfuse.cpu import sam as cpu_sam
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(2, 9, 11, 13, generator=g) + 0.05
+    y = non_contiguous(torch.rand(2, 9, 11, 13, generator=g) + 0.05)
+    grad = torch.rand(1, 1, 1, generator=g).expand(2, 11, 13)  # a broadcast gradient, read in place
+    gx_all, gy_all = cpu_sam.sam_map_backward(grad, x, y, True, 1e-8)
+    gx, gy = cpu_sam.sam_map_backward(grad, x, y, True, 1e-8, *needs)
+    for got, full, need in ((gx, gx_all, needs[0]), (gy, gy_all, needs[1])):
+        if need:
+            torch.testing.assert_close(got, full, rtol=0, atol=0)
+        else:
+            assert got is None
+    # Through autograd: only the leaf that asks for a gradient gets one, equal to the full one.
+    xa, ya = x.clone().requires_grad_(needs[0]), y.clone().requires_grad_(needs[1])
+    (fastfuse.sam_map(xa, ya, backend="cpu") * grad).sum().backward()
+    for leaf, full, need in ((xa, gx_all, needs[0]), (ya, gy_all, needs[1])):
+        assert (leaf.grad is not None) == need
+        if need:
+            torch.testing.assert_close(leaf.grad, full, rtol=1e-6, atol=1e-7)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_cpu_float64_is_scale_invariant(scale):
+    g = torch.Generator().manual_seed(14)
+    x = torch.rand(1, 5, 3, 4, generator=g, dtype=torch.float64)
+    y = torch.rand(1, 5, 3, 4, generator=g, dtype=torch.float64)
+    expected = fastfuse.sam_map(x, y, backend="torch")
+    got = fastfuse.sam_map(x * scale, y * scale, eps=0.0, backend="cpu")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-11)
+
+
+# --------------------------------------------------------------------------- CUDA math, host-compiled
+
+def _host_cuda_fixtures():
+    """tests/test_extension_build.py's host build of kernels/sam.cuh (skips there without nvcc)."""
+    import test_extension_build as build
+    return build.host_kernels, build.nvcc, build.setup_py, build.run_host
+
+
+host_kernels, nvcc, setup_py, _run_host = _host_cuda_fixtures()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("scale,eps", [(1e20, 1e-8), (3e38, 1e-8), (1e-15, 0.0), (1e-41, 0.0)])
+def test_cuda_math_is_scale_invariant(host_kernels, cached, scale, eps):
+    # The GPU kernels' per-pixel code, compiled for the host: x·1e20 (whose squares overflow
+    # fp32), 1e-41 (subnormal: its reciprocal overflows) and friends give x's angle, and the
+    # gradient of the scaled input is the gradient of x divided by the scale.
+    torch.manual_seed(15)
+    x, y = torch.rand(2, 5, 3, 4) + 0.05, torch.rand(2, 5, 3, 4) + 0.05
+    grad = torch.rand(2, 3, 4)
+    xs, ys = (x.double() * scale).float(), (y.double() * scale).float()
+    out, gx, gy = _run_host(host_kernels, xs, ys, grad, cached=cached, eps=eps)
+    ref, gx_ref, gy_ref = _reference_with_grads(xs.double() / scale, ys.double() / scale, grad.double())
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float32, atol_scale=10 if scale < 1e-38 else 1, name="angle")
+    if 1e-38 < scale <= 1e20:  # the true gradient (~1 / scale) of the others is out of fp32's range
+        assert_close(gx.double() * scale, gx_ref, torch.float32, rtol_scale=5, atol_scale=10, name="dx")
+        assert_close(gy.double() * scale, gy_ref, torch.float32, rtol_scale=5, atol_scale=10, name="dy")
+
+
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 0.5])
+def test_cuda_math_zero_spectrum_gradient_is_finite_for_every_eps(host_kernels, cached, eps):
+    torch.manual_seed(16)
+    x, y = torch.rand(1, 6, 2, 3), torch.rand(1, 6, 2, 3)
+    x[0, :, 0, 0] = 0
+    out, gx, gy = _run_host(host_kernels, x, y, torch.rand(1, 2, 3), cached=cached, eps=eps)
+    assert out[0, 0, 0].item() == pytest.approx(90.0)
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    assert (gx[0, :, 0, 0] == 0).all() and (gy[0, :, 0, 0] == 0).all()

@@ -1,10 +1,10 @@
 """cpu backend of sam_map: launchers for the C++ kernels in csrc/cpu/sam.cpp.
 
-Each spectrum is read from memory once per call (a block of pixels stays in cache while its
-norms, distances and gradient are taken) with double sums (float64 spectra divided by their
-peak first), so the angle does not depend on the spectra's scale anywhere in the dtype's range.
-fp16/bf16 inputs are widened to fp32 and the results narrowed back; fp32/float64 inputs are read
-in place unless their last dimension is strided.
+Tiles of consecutive pixels are read from memory once per call (each pixel's sums in double, so
+the angle does not depend on the spectra's scale anywhere in the dtype's range; float64 spectra
+are divided by their peak first, as the reference does). fp16/bf16 inputs are widened to fp32
+and the results narrowed back; fp32/float64 inputs are read in place unless their last dimension
+is strided (channels_last), which is copied once to the contiguous layout.
 """
 from __future__ import annotations
 
@@ -36,20 +36,22 @@ def sam_map_forward(x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float)
     return out.to(x.dtype)
 
 
-def sam_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, degrees: bool,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (contiguous, in x's dtype) of sum(grad * sam_map(x, y)) w.r.t. x and y."""
+def sam_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float,
+                     needs_x: bool = True, needs_y: bool = True) -> tuple:
+    """Gradients (contiguous, in x's dtype) of sum(grad * sam_map(x, y)) w.r.t. x and y; None for
+    one that is not needed (it is then neither allocated nor computed)."""
     dtype = _compute_dtype(x.dtype)
-    gx = torch.empty(x.shape, dtype=dtype)
-    gy = torch.empty(x.shape, dtype=dtype)
-    if gx.numel() == 0:
-        return gx.to(x.dtype), gy.to(x.dtype)
+    gx = torch.empty(x.shape, dtype=dtype) if needs_x else None
+    gy = torch.empty(x.shape, dtype=dtype) if needs_y else None
+    if x.numel() == 0 or not (needs_x or needs_y):
+        return tuple(None if g is None else g.to(x.dtype) for g in (gx, gy))
     xr, yr = _readable(x, dtype), _readable(y, dtype)
     grad = grad.to(dtype)  # strides are honoured: a broadcast gradient is read without expanding it
-    _kernels.backward(grad.data_ptr(), list(grad.stride()), xr.data_ptr(), yr.data_ptr(), gx.data_ptr(),
-                      gy.data_ptr(), list(x.shape), list(xr.stride()), list(yr.stride()), bool(degrees), float(eps),
-                      dtype == torch.float64, torch.get_num_threads())
-    return gx.to(x.dtype), gy.to(x.dtype)
+    _kernels.backward(grad.data_ptr(), list(grad.stride()), xr.data_ptr(), yr.data_ptr(),
+                      0 if gx is None else gx.data_ptr(), 0 if gy is None else gy.data_ptr(), list(x.shape),
+                      list(xr.stride()), list(yr.stride()), bool(degrees), float(eps), dtype == torch.float64,
+                      torch.get_num_threads())
+    return tuple(None if g is None else g.to(x.dtype) for g in (gx, gy))
 
 
 __all__ = ["sam_map_forward", "sam_map_backward"]

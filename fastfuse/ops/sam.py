@@ -18,7 +18,7 @@ backends.register(OP, "cuda", "fastfuse.cuda.sam:sam_map_forward", "fastfuse.cud
 backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 
-@define_op(OP, differentiable=("x", "y"), fake=lambda x, y, degrees, eps: x.new_empty((x.shape[0], *x.shape[2:])))
+@define_op(OP, differentiable=("x", "y"), pass_needs=True, fake=lambda x, y, degrees, eps: x.new_empty((x.shape[0], *x.shape[2:])))
 def _sam_map(x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float) -> torch.Tensor: ...
 
 

@@ -336,8 +336,10 @@ def sam_map_forward(x: torch.Tensor, y: torch.Tensor, degrees: bool, eps: float)
 
 
 def sam_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, degrees: bool,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. x and y (contiguous, in x's dtype) of sum(grad * sam_map(x, y))."""
+                     eps: float, needs_x: bool = True, needs_y: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. x and y (contiguous, in x's dtype) of sum(grad * sam_map(x, y)).
+
+    One pass gives both, so needs_x / needs_y change nothing here (define_op drops the unneeded one)."""
     batch, channels, height, width = x.shape
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     gy = torch.empty(x.shape, dtype=x.dtype, device=x.device)
