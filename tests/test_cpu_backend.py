@@ -148,3 +148,22 @@ def test_selective_scan_many_channel_blocks_and_thread_counts():
     for name, a, b, ref in zip(names, one, many, want):
         assert torch.equal(a, b), f"{name} depends on the thread count"
         torch.testing.assert_close(a.double(), ref.double(), rtol=rtol, atol=atol * 2, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_picks_the_cpu_kernels_of_the_degrade_family():
+    # Without TRITON_INTERPRET (which the test suite sets) auto on CPU takes cpu before torch.
+    code = textwrap.dedent("""
+        import torch, fastfuse
+        from fastfuse import backends
+        for op in ("spectral_response", "spatial_degrade", "spatial_degrade_adjoint", "spectral_response_ssim",
+                   "spatial_degrade_sam"):
+            print(op, backends.resolve(op, "auto", torch.device("cpu"), 10))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTFUSE_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if backends.unavailable_reason("spatial_degrade", "cpu", torch.device("cpu")) is not None:
+        pytest.skip("the degrade family's cpu kernels are not built")
+    for op in ("spectral_response", "spatial_degrade", "spatial_degrade_adjoint", "spectral_response_ssim",
+               "spatial_degrade_sam"):
+        assert f"{op} cpu" in done.stdout.splitlines(), done.stdout

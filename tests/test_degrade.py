@@ -549,3 +549,241 @@ def test_spatial_degrade_sam_guide_is_scale_invariant(backend):
     _, small = fastfuse.spatial_degrade_sam(z, k, 2, x, backend="torch")
     _, big = fastfuse.spatial_degrade_sam(z * 1e20, k, 2, x * 1e20, backend=backend)
     torch.testing.assert_close(big, small, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- cpu backend (C++ kernels)
+# The kernel tests above run the cpu backend at three shapes; these add the awkward ones: H, W not
+# multiples of the ratio, size-1 axes, C = 1, kernels narrower than the ratio (columns no tap
+# reads), not a multiple of it, wider than the image, ratio 1, and strided inputs.
+
+_CPU_REASON = fastfuse.backends.unavailable_reason("spatial_degrade", "cpu", torch.device("cpu"))
+needs_cpu = pytest.mark.skipif(_CPU_REASON is not None, reason=str(_CPU_REASON))
+
+CPU_DEGRADE_CASES = [  # (B, C, H, W, k, ratio, offset, per-band kernel)
+    (1, 1, 7, 5, 2, 3, (2, 1), False),   # k < r: skipped columns, H, W not multiples of r
+    (2, 3, 13, 11, 5, 2, None, True),
+    (1, 2, 1, 9, 3, 1, None, False),     # a 1-pixel axis, ratio 1 (a plain blur)
+    (1, 1, 4, 3, 7, 2, (1, 0), True),    # kernel wider than the image
+    (1, 4, 17, 20, 8, 8, (0, 7), False),  # k = r, the largest offset
+    (3, 2, 9, 10, 6, 4, (3, 1), True),   # k not a multiple of r
+]
+
+
+def _cpu_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in a strided layout: transposed storage, or a view into a larger tensor."""
+    if layout == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    big = torch.zeros(t.shape[0], 2 * t.shape[1], t.shape[2], t.shape[3] + 3, dtype=t.dtype)
+    big[:, ::2, :, 1:t.shape[3] + 1] = t
+    return big[:, ::2, :, 1:t.shape[3] + 1]
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", CPU_DEGRADE_CASES, ids=str)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_spatial_degrade_and_adjoint_awkward_shapes(case, padding, dtype):
+    B, C, H, W, k, ratio, offset, per_band = case
+    g = torch.Generator().manual_seed(51)
+    layout = "transposed" if C % 2 else "sliced"
+    z64 = _rounded(rand(B, C, H, W, g=g) - 0.3, dtype)
+    k64 = (rand(C, k, k, g=g) if per_band else rand(k, k, g=g)).float().double()
+    z = _cpu_layout(z64.to(dtype), layout).requires_grad_(True)
+    kernel = k64.float().requires_grad_(True)
+    zr, kr = z64.clone().requires_grad_(True), k64.clone().requires_grad_(True)
+    out = fastfuse.spatial_degrade(z, kernel, ratio, padding=padding, offset=offset, backend="cpu")
+    ref = fastfuse.spatial_degrade(zr, kr, ratio, padding=padding, offset=offset, backend="torch")
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    assert_close(out, ref, dtype, name="x")
+    grad = _rounded(rand(*ref.shape, g=g) - 0.5, dtype)
+    dz, dk = torch.autograd.grad(out, (z, kernel), grad.to(dtype))
+    dzr, dkr = torch.autograd.grad(ref, (zr, kr), grad)
+    assert dz.dtype == dtype and dk.dtype == torch.float32 and dk.shape == kernel.shape
+    assert_close(dz, dzr, dtype, name="dz")
+    assert_close(dk / dkr.abs().max(), dkr / dkr.abs().max(), dtype, name="dkernel")
+
+    x64 = _rounded(rand(*ref.shape, g=g) - 0.3, dtype)
+    x = _cpu_layout(x64.to(dtype), layout).requires_grad_(True)
+    xr = x64.clone().requires_grad_(True)
+    back = fastfuse.spatial_degrade_adjoint(x, kernel, ratio, (H, W), padding=padding, offset=offset, backend="cpu")
+    back_ref = fastfuse.spatial_degrade_adjoint(xr, kr, ratio, (H, W), padding=padding, offset=offset,
+                                                backend="torch")
+    assert back.dtype == dtype and back.shape == (B, C, H, W)
+    assert_close(back, back_ref, dtype, name="adjoint")
+    grad = _rounded(rand(B, C, H, W, g=g) - 0.5, dtype)
+    dx, dk = torch.autograd.grad(back, (x, kernel), grad.to(dtype))
+    dxr, dkr = torch.autograd.grad(back_ref, (xr, kr), grad)
+    assert_close(dx, dxr, dtype, name="adjoint dx")
+    assert_close(dk / dkr.abs().max(), dkr / dkr.abs().max(), dtype, name="adjoint dkernel")
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", CPU_DEGRADE_CASES, ids=str)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_spatial_degrade_sam_awkward_shapes(case, padding, dtype):
+    B, C, H, W, k, ratio, offset, per_band = case
+    g = torch.Generator().manual_seed(52)
+    z64 = _rounded(rand(B, C, H, W, g=g), dtype)
+    k64 = (rand(C, k, k, g=g) if per_band else rand(k, k, g=g)).float().double()
+    x64 = _rounded(rand(B, C, H // ratio, W // ratio, g=g) + 0.05, dtype)
+    layout = "sliced" if C % 2 else "transposed"
+    z = _cpu_layout(z64.to(dtype), layout).requires_grad_(True)
+    x = _cpu_layout(x64.to(dtype), layout).requires_grad_(True)
+    kernel = k64.float().requires_grad_(True)
+    zr, kr, xr = (t.clone().requires_grad_(True) for t in (z64, k64, x64))
+    for degrees in (True, False):
+        x_pseudo, sam = fastfuse.spatial_degrade_sam(z, kernel, ratio, x, padding=padding, offset=offset,
+                                                     degrees=degrees, backend="cpu")
+        x_pseudo_ref, sam_ref = fastfuse.spatial_degrade_sam(zr, kr, ratio, xr, padding=padding, offset=offset,
+                                                             degrees=degrees, backend="torch")
+        assert x_pseudo.dtype == sam.dtype == dtype and sam.shape == sam_ref.shape
+        assert_close(x_pseudo, x_pseudo_ref, dtype, name="x_pseudo")
+        scale = 10 if degrees else 1
+        assert_close(sam, sam_ref, dtype, atol_scale=scale, name="sam")
+    g_x = _rounded(rand(*x_pseudo_ref.shape, g=g) - 0.5, dtype)
+    g_sam = _rounded(rand(*sam_ref.shape, g=g), dtype)
+    grads = torch.autograd.grad((x_pseudo, sam), (z, kernel, x), (g_x.to(dtype), g_sam.to(dtype)))
+    grads_ref = torch.autograd.grad((x_pseudo_ref, sam_ref), (zr, kr, xr), (g_x, g_sam))
+    for got, want, name in zip(grads, grads_ref, ("dz", "dkernel", "dx")):
+        scale = max(1.0, want.abs().max().item())
+        assert_close(got, want, dtype, rtol_scale=5, atol_scale=10 * scale, name=name)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", ["rows", "transposed", "broadcast grad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_spectral_response_strided(layout, dtype):
+    g = torch.Generator().manual_seed(53)
+    z64 = _rounded(rand(2, 5, 6, 7, g=g) - 0.3, dtype)
+    R64 = rand(4, 5, g=g).float().double()
+    z = z64.to(dtype)
+    if layout == "rows":  # rows that do not follow each other: walked row by row
+        z = torch.zeros(2, 5, 12, 7, dtype=dtype).index_copy_(2, torch.arange(0, 12, 2), z64.to(dtype))[:, :, ::2]
+    elif layout == "transposed":
+        z = non_contiguous(z)
+    z.requires_grad_(True)
+    R = R64.float().t().contiguous().t().requires_grad_(True)  # a transposed R too
+    zr, Rr = z64.clone().requires_grad_(True), R64.clone().requires_grad_(True)
+    out = fastfuse.spectral_response(z, R, backend="cpu")
+    ref = fastfuse.spectral_response(zr, Rr, backend="torch")
+    assert_close(out, ref, dtype, name="y")
+    grad = _rounded(rand(*ref.shape, g=g) - 0.5, dtype)
+    if layout == "broadcast grad":  # a gradient with zero strides, read without expanding it
+        grad = grad[:, :, :1, :1].expand(ref.shape)
+    dz, dR = torch.autograd.grad(out, (z, R), grad.to(dtype))
+    dzr, dRr = torch.autograd.grad(ref, (zr, Rr), grad)
+    assert dz.dtype == dtype and dR.dtype == torch.float32
+    assert_close(dz, dzr, dtype, name="dz")
+    assert_close(dR / dRr.abs().max(), dRr / dRr.abs().max(), dtype, name="dR")
+
+
+@needs_cpu
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("k,ratio", [(2, 3), (5, 2), (4, 4)])
+def test_cpu_degrade_nan_and_inf_reach_what_the_reference_reaches(padding, k, ratio):
+    """A NaN/inf pixel spoils exactly the outputs whose taps read it (none for a column between
+    the taps of a kernel narrower than the ratio), as in the reference."""
+    g = torch.Generator().manual_seed(54)
+    for value in (float("nan"), float("inf")):
+        for where in [(0, 0), (1, 4), (6, 8), (8, 2)]:
+            z = rand(1, 2, 9, 10, g=g).float()
+            z[0, 1, where[0], where[1]] = value
+            kernel = rand(k, k, g=g).float()
+            out = fastfuse.spatial_degrade(z, kernel, ratio, padding=padding, backend="cpu")
+            ref = fastfuse.spatial_degrade(z.double(), kernel.double(), ratio, padding=padding, backend="torch")
+            assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf()), (value, where)
+            x = torch.rand(out.shape, generator=g)
+            x[0, 0, 0, -1] = value
+            back = fastfuse.spatial_degrade_adjoint(x, kernel, ratio, (9, 10), padding=padding, backend="cpu")
+            back_ref = fastfuse.spatial_degrade_adjoint(x.double(), kernel.double(), ratio, (9, 10), padding=padding,
+                                                        backend="torch")
+            assert torch.equal(back.isnan(), back_ref.isnan()), (value, "adjoint")
+
+
+@needs_cpu
+def test_cpu_gradients_do_not_depend_on_the_thread_count():
+    """dkernel and dR are reductions over every pixel: the same to the bit with 1 and 2 threads."""
+    g = torch.Generator().manual_seed(55)
+    z = rand(2, 3, 40, 36, g=g).float().requires_grad_(True)
+    kernels = [rand(5, 5, g=g).float().requires_grad_(True), rand(3, 5, 5, g=g).float().requires_grad_(True)]
+    R = rand(2, 3, g=g).float().requires_grad_(True)
+    x = rand(2, 3, 10, 9, g=g).float() + 0.1
+
+    def grads():
+        out = [fastfuse.spectral_response(z, R, backend="cpu").sin().sum()]
+        for kernel in kernels:
+            out.append(fastfuse.spatial_degrade(z, kernel, 4, padding="reflect", backend="cpu").sin().sum())
+            out.append(fastfuse.spatial_degrade_adjoint(x, kernel, 4, (40, 36), backend="cpu").cos().sum())
+            out.append(sum(t.sum() for t in fastfuse.spatial_degrade_sam(z, kernel, 4, x, backend="cpu")))
+        return torch.autograd.grad(sum(out), [z, R, *kernels])
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads()
+        torch.set_num_threads(2)
+        two = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, name in zip(one, two, ("dz", "dR", "dkernel shared", "dkernel per band")):
+        assert torch.equal(a, b), f"{name} depends on the thread count"
+
+
+@needs_cpu
+def test_cpu_float64_is_the_reference():
+    g = torch.Generator().manual_seed(56)
+    z, kernel, x = rand(1, 2, 9, 8, g=g), rand(3, 3, g=g), rand(1, 2, 4, 4, g=g)
+    for backend_out, ref_out in [
+        (fastfuse.spatial_degrade(z, kernel, 2, backend="cpu"), fastfuse.spatial_degrade(z, kernel, 2, backend="torch")),
+        (fastfuse.spatial_degrade_adjoint(x, kernel, 2, (9, 8), backend="cpu"),
+         fastfuse.spatial_degrade_adjoint(x, kernel, 2, (9, 8), backend="torch")),
+        (fastfuse.spatial_degrade_sam(z, kernel, 2, x, backend="cpu")[1],
+         fastfuse.spatial_degrade_sam(z, kernel, 2, x, backend="torch")[1])]:
+        assert backend_out.dtype == torch.float64
+        torch.testing.assert_close(backend_out, ref_out, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- triton spatial_degrade_sam: both paths
+
+_TRITON_SAM_REASON = fastfuse.backends.unavailable_reason("spatial_degrade_sam", "triton", torch.device("cpu"))
+
+
+class _Refused:
+    """Stands in for a launcher that this path must not use."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError(f"{self.name} called")
+
+
+@pytest.mark.skipif(_TRITON_SAM_REASON is not None, reason=str(_TRITON_SAM_REASON))
+@pytest.mark.parametrize("fused", [True, False], ids=["fused kernel", "split for few programs"])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_triton_degrade_sam_fused_and_split_paths(monkeypatch, fused, padding):
+    """Small images have too few output pixels for the one-program-per-pixel-block kernel and go
+    through the degrade + sam kernels; the fused kernel is forced here by lowering the bar."""
+    from fastfuse.reference.sam import sam_map as reference_sam_map
+    from fastfuse.triton import degrade as triton_degrade
+
+    if fused:
+        monkeypatch.setattr(triton_degrade, "MIN_PROGRAMS", 1)
+        monkeypatch.setattr(triton_degrade, "_degrade", _Refused("the split path"))
+    else:
+        monkeypatch.setattr(triton_degrade, "_degrade_sam_kernel", _Refused("the fused kernel"))
+    g = torch.Generator().manual_seed(57)
+    z, x = rand(2, 3, 9, 11, g=g).float(), rand(2, 3, 4, 5, g=g).float() + 0.05
+    kernel = rand(3, 3, 3, g=g).float()
+    x[0, :, 1, 1] = 0.0  # an undirected spectrum: a right angle
+    x_pseudo, sam = triton_degrade.spatial_degrade_sam_forward(z, kernel, 2, x, padding, (1, 0), True, 1e-8)
+    x_pseudo_ref = fastfuse.spatial_degrade(z.double(), kernel.double(), 2, padding=padding, offset=(1, 0),
+                                            backend="torch")
+    assert_close(x_pseudo, x_pseudo_ref, torch.float32, name="x_pseudo")
+    assert_close(sam, reference_sam_map(x_pseudo.double(), x.double(), True, 1e-8), torch.float32, atol_scale=10,
+                 name="sam")
+    assert sam[0, 1, 1].item() == pytest.approx(90.0)

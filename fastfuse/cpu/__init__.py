@@ -16,8 +16,19 @@ _backends.register("cross_scan", "cpu", "fastfuse.cpu.cross_scan:cross_scan_forw
 _backends.register("cross_merge", "cpu", "fastfuse.cpu.cross_scan:cross_merge_forward", int64_indexing=True)
 _backends.register("cross_selective_scan", "cpu", "fastfuse.cpu.cross_scan:cross_selective_scan_forward",
                    "fastfuse.cpu.cross_scan:cross_selective_scan_backward", int64_indexing=True)
-# The guidance ops compose torch's GEMM / strided convolution with the cpu SSIM and SAM kernels.
-_backends.register("spectral_response_ssim", "cpu", "fastfuse.cpu.degrade:spectral_response_ssim_forward",
-                   "fastfuse.cpu.degrade:spectral_response_ssim_backward", int64_indexing=True)
-_backends.register("spatial_degrade_sam", "cpu", "fastfuse.cpu.degrade:spatial_degrade_sam_forward",
-                   "fastfuse.cpu.degrade:spatial_degrade_sam_backward", int64_indexing=True)
+# The degrade family (csrc/cpu/degrade.cpp); spectral_response_ssim composes its response kernel
+# with the cpu SSIM kernel, spatial_degrade_sam is fused.
+for _op in ("spectral_response", "spatial_degrade", "spatial_degrade_adjoint", "spectral_response_ssim",
+            "spatial_degrade_sam"):
+    _backends.register(_op, "cpu", f"fastfuse.cpu.degrade:{_op}_forward", f"fastfuse.cpu.degrade:{_op}_backward",
+                       int64_indexing=True)
+# The select family: gather_sum/add_scatter's backward is the gather's (ops/select.py), and only
+# scatter_points' "replace" needs a backward kernel of its own.
+_S = "fastfuse.cpu.select"
+_backends.register("select_points", "cpu", f"{_S}:select_points_forward", int64_indexing=True)
+_backends.register("gather_points", "cpu", f"{_S}:gather_points_forward", f"{_S}:gather_points_backward",
+                   int64_indexing=True)
+_backends.register("gather_sum_points", "cpu", f"{_S}:gather_sum_points_forward", int64_indexing=True)
+_backends.register("scatter_points", "cpu", f"{_S}:scatter_points_forward", f"{_S}:scatter_points_backward",
+                   int64_indexing=True)
+_backends.register("add_scatter_points", "cpu", f"{_S}:add_scatter_points_forward", int64_indexing=True)

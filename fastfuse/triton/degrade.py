@@ -19,7 +19,11 @@
   spatial_degrade_sam the degraded pixels and the SAM map against the observed LR-HSI in one
                       program per block of output pixels: the band loop blurs, stores X' and
                       accumulates the norms, a second band loop re-reads X' (now in L2) for the
-                      unit-vector differences of the accurate angle formula.
+                      unit-vector differences of the accurate angle formula. One program owns
+                      all bands of its pixels, so a small low-resolution image gives few
+                      programs (64 at 1×64×64): below a few waves of a large GPU the op is split
+                      instead, X' by the degrade kernel (one program per band and tile) and the
+                      angle by the sam family's kernel re-reading X' (1/ratio² of z's bytes).
 Backward passes: d z of a blur is the adjoint kernel and vice versa; d kernel and d R are
 reductions over every pixel, left to torch (cuDNN / cuBLAS) through the reference.
 """
@@ -273,6 +277,11 @@ def _degrade_sam_kernel(xp_ptr, sam_ptr, z_ptr, k_ptr, x_ptr, C, H, W, Ho, Wo, k
 # ---------------------------------------------------------------------------------------------
 # Host side.
 
+# Programs that keep every SM of a large GPU busy (4 per SM of a 132-SM H100): below this a launch
+# takes smaller tiles, or spatial_degrade_sam splits into its two passes.
+MIN_PROGRAMS = 4 * 132
+MAX_GRID_YZ = 65535  # grid axes 1 and 2 (axis 0 allows 2**31 - 1)
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -292,6 +301,18 @@ def _tile(Ho: int, Wo: int, lanes: int = 256) -> tuple[int, int]:
     return _pow2(Ho, max(1, lanes // BW)), BW
 
 
+def _n_tiles(Ho: int, Wo: int, tile: tuple[int, int]) -> int:
+    return triton.cdiv(Ho, tile[0]) * triton.cdiv(Wo, tile[1])
+
+
+def _filling_tile(Ho: int, Wo: int, planes: int, lanes: int = 256, min_lanes: int = 64) -> tuple[int, int]:
+    """The largest tile of at most `lanes` pixels (halved down to min_lanes) that gives `planes`
+    planes at least MIN_PROGRAMS programs."""
+    while lanes > min_lanes and _n_tiles(Ho, Wo, _tile(Ho, Wo, lanes)) * planes < MIN_PROGRAMS:
+        lanes //= 2
+    return _tile(Ho, Wo, lanes)
+
+
 def _channel_mix(x: torch.Tensor, m: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     B, I, H, W = x.shape
     O = m.shape[0]
@@ -303,6 +324,9 @@ def _channel_mix(x: torch.Tensor, m: torch.Tensor, out_dtype: torch.dtype) -> to
     P = H * W
     BLOCK_P, BLOCK_O = _pow2(P, 128), _pow2(O, 16)
     grid = (triton.cdiv(P, BLOCK_P) * B, triton.cdiv(O, BLOCK_O))
+    if grid[1] > MAX_GRID_YZ:
+        raise ValueError(f"fastfuse.spectral_response: {O} output bands need {grid[1]} band blocks on a grid "
+                         f"axis limited to {MAX_GRID_YZ}; split R")
     _channel_mix_kernel[grid](out, x, m, I, O, P, W, *x.stride(), *m.stride(), ACC=_acc(x.dtype),
                               BLOCK_O=BLOCK_O, BLOCK_P=BLOCK_P, num_warps=4)
     return out
@@ -314,7 +338,7 @@ def _degrade(z: torch.Tensor, kernel: torch.Tensor, ratio: int, padding: str, of
     out = torch.empty(B, C, Ho, Wo, dtype=z.dtype, device=z.device)
     if out.numel() == 0:
         return out
-    BH, BW = _tile(Ho, Wo)
+    BH, BW = _filling_tile(Ho, Wo, B * C)
     grid = (triton.cdiv(Ho, BH) * triton.cdiv(Wo, BW) * B * C,)
     _degrade_kernel[grid](out, z, kernel, C, H, W, Ho, Wo, kernel.shape[-1], ratio, offset[0], offset[1],
                           *z.stride(), *_kernel_strides(kernel), MODE=_PADDING_CODE[padding], ACC=_acc(z.dtype),
@@ -396,13 +420,19 @@ def spatial_degrade_sam_forward(z, kernel, ratio, x, padding, offset, degrees, e
         return x_pseudo, reference_sam_map(x_pseudo, x, degrees, eps)
     B, C, H, W = z.shape
     Ho, Wo = H // ratio, W // ratio
+    # One program reduces over all bands of its pixels, so only pixels give parallelism. Too few
+    # of them for the GPU (1×64×64: 64 programs): X' from the degrade kernel (a program per band
+    # and tile), then the angle by the sam kernel.
+    BH, BW = _tile(Ho, Wo, lanes=64)
+    if 0 < _n_tiles(Ho, Wo, (BH, BW)) * B < MIN_PROGRAMS:
+        from fastfuse.triton import sam as triton_sam
+
+        x_pseudo = _degrade(z, kernel, ratio, padding, offset)
+        return x_pseudo, triton_sam.sam_map_forward(x_pseudo, x, degrees, eps)
     x_pseudo = torch.empty(B, C, Ho, Wo, dtype=z.dtype, device=z.device)
     sam = torch.empty(B, Ho, Wo, dtype=z.dtype, device=z.device)
     if sam.numel() == 0:
         return x_pseudo, sam
-    # One program reduces over all bands of its pixels, so only pixels give parallelism: small
-    # tiles keep enough programs in flight for a low-resolution image (64×64 → 64 per image).
-    BH, BW = _tile(Ho, Wo, lanes=64)
     grid = (triton.cdiv(Ho, BH) * triton.cdiv(Wo, BW) * B,)
     _degrade_sam_kernel[grid](x_pseudo, sam, z, kernel, x, C, H, W, Ho, Wo, kernel.shape[-1], ratio,
                               offset[0], offset[1], *z.stride(), *_kernel_strides(kernel), *x.stride(),
