@@ -1,8 +1,12 @@
 """CPU benchmark of channel_attention: the eager torch composition vs fastfuse's cpu backend vs
 torch.compile of the composition, forward and forward+backward, time and peak memory.
 
-    python bench/bench_channel_attention.py [--shapes 4x64x64x64:2,1x31x128x128:1] [--rounds 15]
+    python bench/bench_channel_attention.py [--shapes 4x64x64x64:2,2x31x128x128:1,smif] [--rounds 15]
                                             [--no-compile] [--threads N]
+
+`smif` in --shapes stands for the shapes SMIFNet itself passes to channel_attention at
+bench/bench_models.py's CPU settings (a training patch of 64 and a 128 scene, ratio 8), recorded
+from a forward pass of the model and printed.
 
 Times are medians over rounds in which every provider runs once, in turn (interleaved, so a
 machine whose load changes affects all providers alike). Peak memory is the growth of the
@@ -76,9 +80,34 @@ def step(fn, inputs, mode):
     return out
 
 
+def smif_shapes(patch: int = 64, scene: int = 128, ratio: int = 8) -> list[str]:
+    """The (shape:heads) of every channel_attention call of SMIFNet's forward at bench_models' CPU sizes."""
+    from fastfuse.models.smif import SMIFNet
+    seen, original = [], fastfuse.channel_attention
+
+    def record(q, k, v, **kw):
+        item = f"{'x'.join(map(str, q.shape))}:{kw.get('heads', 1)}"
+        if item not in seen:
+            seen.append(item)
+        return original(q, k, v, **kw)
+
+    model = SMIFNet(31, 3, ratio)
+    fastfuse.channel_attention = record
+    try:
+        with torch.no_grad():
+            for side in (patch, scene):
+                model(torch.rand(1, 31, side // ratio, side // ratio), torch.rand(1, 3, side, side))
+    finally:
+        fastfuse.channel_attention = original
+    print(f"SMIFNet (ratio {ratio}) calls channel_attention at {', '.join(seen)} "
+          f"(patch {patch}, then scene {scene})", flush=True)
+    return seen
+
+
 def parse_shapes(text):
     shapes = []
-    for item in text.split(","):
+    items = [i for part in text.split(",") for i in (smif_shapes() if part == "smif" else [part])]
+    for item in items:
         dims, _, heads = item.partition(":")
         shape = tuple(int(d) for d in dims.split("x"))
         SHAPE_HEADS[shape] = int(heads or 1)
@@ -116,7 +145,7 @@ def _status_kb(field):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="4x64x64x64:2,2x31x128x128:1")
+    p.add_argument("--shapes", default="4x64x64x64:2,2x31x128x128:1,smif")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

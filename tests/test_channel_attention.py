@@ -126,6 +126,60 @@ def test_zero_channel_has_finite_gradients(device, backend):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+# The cpu kernel computes in fp32 (float64 inputs take the torch composition), so it is held to
+# the float64 reference here, at shapes that cross its blocking: 4-row Gram and 8-row apply blocks
+# (odd channel counts), 16/32-pixel vectors and their tails, 512-pixel chunks, the 16-run cap on a
+# problem's Gram partials (L = 8300), H·W = 1, batch 1, and more key than query channels.
+KERNEL_SHAPES = [((1, 1, 1, 1), 1, 1), ((1, 5, 1, 1), 7, 1), ((2, 9, 37), 13, 1), ((1, 6, 30, 37), 10, 2),
+                 ((2, 18, 7, 19), 27, 3), ((1, 3, 8300), 2, 1)]
+
+
+def _channel_strided(t: torch.Tensor) -> torch.Tensor:
+    """Same values, every other channel of a twice-as-wide tensor: rows not adjacent in memory."""
+    wide = torch.zeros((t.shape[0], 2 * t.shape[1], *t.shape[2:]), dtype=t.dtype)
+    wide[:, ::2] = t
+    return wide[:, ::2]
+
+
+@pytest.mark.parametrize("shape,ck,heads", KERNEL_SHAPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cpu_kernel_fp32_matches_float64_reference(shape, ck, heads, normalize):
+    q64, k64, v64 = _inputs(shape, ck, seed=13)
+    scale = torch.linspace(0.8, 2.5, heads, dtype=torch.float64)
+    weights = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    leaves = [_channel_strided(q64.float()), k64.float(), non_contiguous(v64.float())]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    scale32 = scale.float().requires_grad_(True)
+    out = fastfuse.channel_attention(*leaves, heads=heads, scale=scale32, normalize=normalize, backend="cpu")
+    assert out.dtype == torch.float32 and out.shape == q64.shape and out.is_contiguous()
+    grads = torch.autograd.grad((out * weights.float()).sum(), (*leaves, scale32))
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_scale = scale.requires_grad_(True)
+    ref = fastfuse.channel_attention(*ref_leaves, heads=heads, scale=ref_scale, normalize=normalize, backend="torch")
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (*ref_leaves, ref_scale))
+    assert_close(out, ref, torch.float32, name="out")
+    for label, got, want in zip(("dq", "dk", "dv", "dscale"), grads, ref_grads):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert_close(got, want, torch.float32, rtol_scale=4, atol_scale=4, name=label)
+
+
+def test_cpu_kernel_zero_channel_and_broadcast_gradient():
+    # A zero channel (norm below eps: the clamp passes no gradient) and the stride-0 gradient that
+    # out.sum() sends back, in fp32 through the kernel.
+    q, k, v = (t.float() for t in _inputs((1, 5, 6, 7), 3, seed=7))
+    q[0, 1].zero_()
+    k[0, 2].zero_()
+    results = {}
+    for name in ("torch", "cpu"):
+        leaves = [t.detach().double().requires_grad_(True) if name == "torch" else t.detach().requires_grad_(True)
+                  for t in (q, k, v)]
+        out = fastfuse.channel_attention(*leaves, backend=name)
+        results[name] = (out, *torch.autograd.grad(out.sum(), leaves))
+    for got, want in zip(results["cpu"], results["torch"]):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, torch.float32, atol_scale=4)
+
+
 def test_only_some_gradients_requested():
     q, k, v = _inputs((1, 4, 3, 3), 4, seed=11)
     k.requires_grad_(True)
@@ -135,6 +189,12 @@ def test_only_some_gradients_requested():
         if name == "torch":
             want = grad_k
     torch.testing.assert_close(grad_k, want)
+    # The fp32 kernel with only k's gradient wanted (the kernel skips dQ, dV and dscale).
+    q32, v32 = q.float(), v.float()
+    k32 = k.detach().float().requires_grad_(True)
+    out = fastfuse.channel_attention(q32, k32, v32, heads=2, backend="cpu")
+    (grad_k32,) = torch.autograd.grad(out.sum() + out.square().sum(), (k32,))
+    assert_close(grad_k32, want, torch.float32, atol_scale=4, name="dk")
 
 
 def test_bad_arguments_name_the_argument():
