@@ -107,7 +107,61 @@ def infer_fn(model, inputs, amp, device):
     return run
 
 
-def run(models, device, quick, dtype, providers, config, ratio, train_batch, train_patch, scene, out, hsi, msi):
+# Self-supervised methods (--self-supervised argsdiff,daem): no training set, so their cost is per
+# image: ARGS-Diff's guided sampling steps (T per image) and DAEM's coordination iterations. A row
+# times `steps` of them (ratio 4, the papers' ×4) and its note extrapolates to seconds per image.
+SELF_SUPERVISED = {"argsdiff": ("sample", 500), "daem": ("fit", 2000)}
+
+
+def self_supervised_fn(name, backend, compiled, inputs, steps, device):
+    lr, msi, gt = inputs
+    torch.manual_seed(0)
+    if name == "argsdiff":
+        from fastfuse.models.argsdiff import ARGSDiff
+        model = ARGSDiff(gt.shape[1], msi.shape[1], 4, backend=backend).to(device)
+        nets = ("spatial", "spectral")
+    else:
+        from fastfuse.models.daem import DAEM
+        model = DAEM(gt.shape[1], msi.shape[1], 4, backend=backend).to(device)
+        nets = ("fusion",)
+    for net in nets if compiled else ():
+        setattr(model, net, torch.compile(getattr(model, net)))
+    if name == "argsdiff":
+        srf = torch.softmax(torch.randn(msi.shape[1], gt.shape[1], generator=torch.Generator().manual_seed(0)), 1)
+        return lambda: model.sample(lr, msi, srf.to(device), steps=steps)
+    return lambda: model.fit(lr, msi, steps=steps)
+
+
+def run_self_supervised(names, device, quick, providers, side, hsi, msi):
+    from fastfuse.benchmark.harness import FIELDS, environment
+    from fastfuse.benchmark.timing import do_bench
+    env, rows = environment(device), []
+    inputs = make_inputs(1, side, hsi, msi, 4, device)
+    for name in names:
+        mode, per_image = SELF_SUPERVISED[name]
+        steps = (2 if quick else 5) if name == "argsdiff" else (5 if quick else 20)
+        for provider in providers:
+            kind, backend, compiled = PROVIDERS[provider]
+            row = {f: None for f in FIELDS}
+            row.update(env)
+            row.update(op=name, provider=provider, kind=kind, case=f"{mode} {steps} steps {side}x{side}x{hsi} r4",
+                       dtype="fp32", mode=mode, shape=f"msi {tuple(inputs[1].shape)}", size=side * side, status="ok")
+            try:
+                timing = do_bench(self_supervised_fn(name, backend, compiled, inputs, steps, device), device,
+                                  warmup_ms=1.0, rep_ms=1.0, min_reps=3, max_reps=3)
+                row.update(p50_ms=timing.p50_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
+                           timer=timing.timer,
+                           note=f"{timing.p50_ms / steps:.1f} ms/step, {timing.p50_ms / steps * per_image / 1e3:.1f} "
+                                f"s/image at {per_image} steps")
+            except Exception as exc:  # one provider failing is a row, not a crash of the run
+                row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:200]}")
+            print(f"{name} {row['case']} {provider}: {row['note']}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def run(models, device, quick, dtype, providers, config, ratio, train_batch, train_patch, scene, out, hsi, msi,
+        self_supervised=(), self_supervised_side=64):
     from fastfuse.benchmark.harness import FIELDS, environment
     from fastfuse.benchmark.report import render_markdown, write_results
     from fastfuse.benchmark.timing import do_bench
@@ -148,6 +202,8 @@ def run(models, device, quick, dtype, providers, config, ratio, train_batch, tra
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    if self_supervised:
+        rows += run_self_supervised(self_supervised, device, quick, providers, self_supervised_side, hsi, msi)
     written = write_results(rows, out, plots=False)
     print(render_markdown(rows))
     print("results: " + ", ".join(str(written[k]) for k in ("json", "csv", "md")))
@@ -170,11 +226,19 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=int, help="training patch side (default 128 on GPU, 64 on CPU)")
     p.add_argument("--scene", type=int, help="inference scene side (default 512 on GPU, 128 on CPU)")
     p.add_argument("--out", default=default_results_dir(), help="results folder (bench/results/ for committed runs)")
+    p.add_argument("--self-supervised", default="", help=f"comma-separated among {tuple(SELF_SUPERVISED)}: "
+                   "also time their per-image work (sampling steps, coordination iterations)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    models = [m for m in (args.models.split(",") if args.models else supervised_models()) if m]
-    if not models:
+    self_supervised = [x for x in args.self_supervised.split(",") if x]
+    if any(x not in SELF_SUPERVISED for x in self_supervised):
+        print(f"bench_models: --self-supervised takes {list(SELF_SUPERVISED)}, got {self_supervised}", file=sys.stderr)
+        return 2
+    # With --self-supervised alone, only those rows; --models adds the supervised ones.
+    default_models = [] if self_supervised else supervised_models()
+    models = [m for m in (args.models.split(",") if args.models else default_models) if m]
+    if not models and not self_supervised:
         print("bench_models: no model registered in fastfuse.models and none given with --models", file=sys.stderr)
         return 2
     providers = [x for x in args.providers.split(",") if x]
@@ -187,7 +251,7 @@ def main(argv=None) -> int:
     patch = args.patch or (128 if gpu else (32 if quick else 64))
     scene = args.scene or (512 if gpu else (64 if quick else 128))
     run(models, device, quick, args.dtype, providers, json.loads(args.model_config), args.ratio, batch, patch, scene,
-        args.out, args.hsi_bands, args.msi_bands)
+        args.out, args.hsi_bands, args.msi_bands, self_supervised, 256 if gpu else (32 if quick else 64))
     return 0
 
 

@@ -13,6 +13,9 @@ from fastfuse.models.argsdiff import ARGSDiff, SpatialUNet, SpectralNet, bicubic
 
 BANDS, MSI, RATIO, SIZE = 31, 3, 4, 16
 
+# Tiny networks: a second OpenMP thread only adds synchronisation (and contention when shared).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def pair():
@@ -25,8 +28,13 @@ def pair():
 
 
 def tiny(**kw):
+    """A two-level UNet and a narrow MLP: the method's behaviour at a fraction of the cost. backend
+    "cpu" (the machine's automatic choice) unless given: under TRITON_INTERPRET=1 "auto" would
+    run the guidance in the Triton interpreter (tests/test_subspace_guidance.py covers it)."""
     torch.manual_seed(0)
-    return ARGSDiff(BANDS, MSI, RATIO, timesteps=12, base_channels=4, spectral_hidden=(16, 32, 16), **kw)
+    kw.setdefault("backend", "cpu")
+    return ARGSDiff(BANDS, MSI, RATIO, timesteps=12, base_channels=4, channel_mult=(1, 2), res_blocks=1,
+                    spectral_hidden=(16, 32, 16), **kw)
 
 
 def test_exponential_schedule():

@@ -455,7 +455,9 @@ class ARGSDiff(nn.Module):
         if steps == 1:
             return
         graph = torch.cuda.CUDAGraph()
-        snapshot = {k: v.clone() for k, v in state.items()}  # capture runs the step once: undo it
+        # Capture records the kernels without running them; the snapshot restores the state all
+        # the same, in case an op of the step ran eagerly while capturing.
+        snapshot = {k: v.clone() for k, v in state.items()}
         coef.copy_(table[1])
         with torch.cuda.graph(graph):
             self._step(coef, state)

@@ -25,6 +25,13 @@ Interpretations (the supplement gives Table 1 and the weights; what this module 
   M-like (fusion, degradation detached): β (‖H(Ẑ) − X‖² + ‖Ẑ ×₃ R − Y‖²), so β = 0 leaves the
   module at its initial weights, as the supplement's Fig. 6 describes. Defaults
   (α₁, α₂, α₃, β) = (0.5, 0.2, 0.2, 0.5). The squared norms are means over elements.
+- Optimiser: Adam for both sides; the paper gives no rate for this single-pair setting (the public
+  code fine-tunes with Adam at 5e-3). fit's defaults, lr = degradation_lr = 1e-2 for 2000
+  iterations, were chosen on a planted-kernel pair (synthetic 64 × 64 × 31, Gaussian 8 × 8 σ 2,
+  ×4): against (2e-3, 5e-2) they lower the kernel error (0.59 → 0.36 of the planted kernel's
+  norm, from 2.67 at the initialisation) and raise the PSNR from 0.5 dB below bicubic
+  upsampling to 1.5 dB above it. The fusion side converges slowly through the blur (even with the
+  true kernel fixed): more iterations keep improving it.
 """
 from __future__ import annotations
 
@@ -150,8 +157,8 @@ class DAEM(nn.Module):
         fusion = self.beta * (F.mse_loss(self.degrade_spatial(z, kd), X) + F.mse_loss(self.degrade_spectral(z, sd), Y))
         return degradation, fusion
 
-    def fit(self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, *, steps: int = 2000, lr: float = 2e-3,
-            degradation_lr: float = 5e-2, generator: Optional[torch.Generator] = None,
+    def fit(self, lr_hsi: torch.Tensor, hr_msi: torch.Tensor, *, steps: int = 2000, lr: float = 1e-2,
+            degradation_lr: float = 1e-2, generator: Optional[torch.Generator] = None,
             progress: Optional[Callable[[int, float, float], None]] = None) -> tuple[torch.Tensor, dict]:
         """Run the coordination; returns (fused μ (B, C, H, W), {"kernel", "srf", "history"}).
 
@@ -178,7 +185,7 @@ class DAEM(nn.Module):
             opt_fus.step()
             history.append(torch.stack((degradation.detach(), fusion.detach())))
             if progress is not None:
-                progress(step, float(degradation), float(fusion))
+                progress(step, float(degradation.detach()), float(fusion.detach()))
         self.eval()
         with torch.no_grad():
             fused = self.fusion(up, Y)[0]

@@ -19,8 +19,8 @@ from fastfuse.reference.degrade import PADDINGS, default_offset
 OP = "subspace_guidance"
 backends.register(OP, "torch", "fastfuse.reference.subspace_guidance:subspace_guidance")
 backends.register(OP, "cpu", "fastfuse.cpu.subspace_guidance:subspace_guidance")
-# On CUDA only the reference serves it for now (no Triton kernel yet).
-backends.set_preference(OP, ("torch",))
+backends.register(OP, "triton", "fastfuse.triton.subspace_guidance:subspace_guidance")
+backends.set_preference(OP, ("triton", "torch"))
 
 
 def _fake(A, E, R, X, Y, kernel, ratio, lam, padding, offset):
@@ -89,9 +89,11 @@ def subspace_guidance(A: torch.Tensor, E: torch.Tensor, R: torch.Tensor, X: torc
     any float dtype. Returns the loss as a 0-d fp32 tensor (fp64 for fp64 inputs) and the
     gradients in the dtypes of A and E. No host sync.
 
-    The cpu backend never forms the C-band HR-HSI: the spectral term runs through R·E (c, d)
-    and, for a kernel shared by all bands, the blur runs on the d coefficient maps (it commutes
-    with the band mixing). "torch" composes the formula and differentiates it by autograd.
+    The cpu and triton backends never form the C-band HR-HSI: the spectral term runs through
+    R·E (c, d) and, for a kernel shared by all bands, the blur runs on the d coefficient maps (it
+    commutes with the band mixing). "triton" takes two passes, one over the kept pixels and one
+    over the image, and reads each input once per pass. "torch" composes the formula and
+    differentiates it by autograd.
     Forward only: autograd does not differentiate through the outputs.
     """
     _check(A, E, R, X, Y, kernel, ratio, lam, padding)
