@@ -302,8 +302,23 @@ def _select_cases() -> list[Case]:
                  lambda dt: ((2 * math.prod(feat) + 64 * K) * _esize(dt), 64 * K))]
 
 
+def _subspace_guidance_cases() -> list[Case]:
+    from fastfuse.triton import subspace_guidance as k
+    B, d, C, c, side, r, ks = 1, 8, 31, 3, 512, 4, 16   # ARGS-Diff: d = 8, bicubic ×4 (16 taps), reflect
+    hw, low = side * side, (side // r) ** 2
+    shapes = ((B, d, side, side), (C, d), (c, C), (B, C, side // r, side // r), (B, c, side, side), (ks, ks))
+    # Bytes: A twice, Y, X, ∂A, the d-band field out and back. Flops: the blur (k² taps) and the band
+    # loop (3 products per (C, d)) per kept pixel; the response (3 per (c, d)) and the adjoint's
+    # ⌈k/r⌉² taps per image pixel.
+    return [Case(f"subspace_guidance fwd {B}x{d}x{side}x{side} C={C} c={c} k={ks} r={r}",
+                 lambda dt: k.subspace_guidance(*(_meta(s, dt) for s in shapes), r, 1.0, "reflect", (1, 1)),
+                 lambda dt: ((3 * d * hw + c * hw + C * low) * _esize(dt) + 2 * 4 * d * low,
+                             low * d * (2 * ks * ks + 6 * C) + hw * d * (6 * c + 2 * (ks // r) ** 2)))]
+
+
 def all_cases() -> list[Case]:
-    return _ssim_cases() + _scan_cases() + _cross_scan_cases() + _degrade_cases() + _sam_cases() + _select_cases()
+    return (_ssim_cases() + _scan_cases() + _cross_scan_cases() + _degrade_cases() + _sam_cases() + _select_cases()
+            + _subspace_guidance_cases())
 
 
 # --------------------------------------------------------------------------- report

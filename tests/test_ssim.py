@@ -369,30 +369,89 @@ def test_extreme_sigmas(sigma, device, backend):
     assert_close(out, expected, torch.float32, name=f"sigma={sigma}")
 
 
-@pytest.mark.parametrize("block,window_size,shape", [(32, 7, (1, 1, 41, 47)), (64, 11, (1, 1, 50, 58))])
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_triton_tilings(block, window_size, shape, padding):
-    """Each block size with several tiles per direction (forward and backward), ragged last tiles."""
+def _triton_ssim_or_skip():
     from fastfuse import backends
     if backends.unavailable_reason("ssim_map", "triton", torch.device("cpu")) is not None:
         pytest.skip("the triton backend is unavailable on CPU (set TRITON_INTERPRET=1)")
-    from fastfuse.triton.ssim import ssim_map_backward, ssim_map_forward
-    x, y = pair(shape, seed=block)
+    from fastfuse.triton import ssim
+    return ssim
+
+
+def check_triton_launchers(shape, padding, window_size, dtype=torch.float32, tile=None, need=(True, True),
+                           transpose=False, seed=0, tight=True):
+    """The launchers against float64 (inputs rounded to dtype first): map, then each needed gradient;
+    an unneeded one must come back empty. tight: fp32 within a few ulps of the moments' scale
+    (centred moments), far inside the project tolerance, so a wrong tap or fold cannot hide."""
+    ssim = _triton_ssim_or_skip()
+    x64, y64 = pair(shape, seed=seed)
+    x, y = x64.to(dtype), y64.to(dtype)
+    if transpose:
+        x, y = non_contiguous(x), non_contiguous(y)
     args = (window_size, 1.5, 1.0, 0.01, 0.03, padding)
-    out = ssim_map_forward(x.float(), y.float(), *args, block=block)
-    xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    out = ssim.ssim_map_forward(x, y, *args, tile=tile)
+    xr, yr = x.double().requires_grad_(True), y.double().requires_grad_(True)
     ref = ref_ssim.ssim_map(xr, yr, *args)
-    assert_close(out, ref, torch.float32, name="map")
-    g = torch.rand(ref.shape, dtype=torch.float64)
-    ref.backward(g)
-    dx, dy = ssim_map_backward(g.float(), x.float(), y.float(), *args, block=block)
-    assert_grad_close(dx, xr.grad, torch.float32, "dx")
-    assert_grad_close(dy, yr.grad, torch.float32, "dy")
-    # Far inside the project's fp32 tolerance: the kernel itself is accurate to a few fp32 ulps
-    # (centred moments), so a slightly wrong tap or fold could not hide under the tolerance.
-    assert (out.double() - ref).abs().max().item() < 2e-5
-    assert (dx.double() - xr.grad).abs().max().item() < 2e-5 * xr.grad.abs().max().item()
-    assert (dy.double() - yr.grad).abs().max().item() < 2e-5 * yr.grad.abs().max().item()
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, name="map")
+    g = (torch.rand(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) - 0.3).to(dtype)
+    ref.backward(g.double())
+    dx, dy = ssim.ssim_map_backward(g, x, y, *args, *need, tile=tile)
+    if tight:
+        assert (out.double() - ref).abs().max().item() < 2e-5
+    for got, expected, needed, name in ((dx, xr.grad, need[0], "dx"), (dy, yr.grad, need[1], "dy")):
+        if not needed:
+            assert got.numel() == 0, name
+            continue
+        assert got.dtype == dtype and got.shape == x.shape, name
+        assert_grad_close(got, expected, dtype, name)
+        if tight:
+            assert (got.double() - expected).abs().max().item() < 2e-5 * max(1.0, expected.abs().max().item()), name
+
+
+@pytest.mark.parametrize("tile,window_size,shape", [((8, 32), 7, (1, 1, 41, 47)), ((20, 64), 11, (1, 1, 50, 58))])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_triton_tilings(tile, window_size, shape, padding):
+    """Several row chunks and column strips (forward and backward), ragged last tiles."""
+    check_triton_launchers(shape, padding, window_size, tile=tile, seed=tile[0])
+
+
+@pytest.mark.parametrize("shape,padding,window_size,dtype,tile,need,transpose", [
+    ((1, 1, 11, 13), "valid", 11, torch.float32, None, (True, True), False),  # H = window: one map row
+    ((1, 1, 13, 11), "valid", 11, torch.bfloat16, None, (True, False), False),  # W = window: one map column
+    ((1, 1, 2, 3), "reflect", 7, torch.float16, None, (False, True), False),  # smaller than the radius
+    ((1, 1, 1, 5), "zero", 5, torch.float32, None, (True, True), True),
+    ((2, 1, 9, 40), "zero", 5, torch.float32, (4, 32), (True, True), True),  # chunks and strips, ragged
+    ((1, 2, 21, 35), "reflect", 9, torch.float32, (6, 32), (True, False), True),
+    ((1, 1, 12, 33), "valid", 9, torch.float16, (1, 32), (False, True), False),  # one-row chunks
+    ((1, 1, 5, 6), "zero", 1, torch.float32, None, (True, True), False),  # one tap: no sliding state
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) and all(isinstance(i, int) for i in v) else str(v))
+def test_triton_tile_boundaries(shape, padding, window_size, dtype, tile, need, transpose):
+    """Shapes at the tiles' edges, windows as large as the image, every gradient selection,
+    half-precision inputs and transposed strides, against float64."""
+    check_triton_launchers(shape, padding, window_size, dtype, tile, need, transpose,
+                           tight=dtype == torch.float32 and window_size > 1)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_triton_backward_persistent_programs(padding, monkeypatch):
+    """Fewer backward programs than tiles: each program walks several (row chunk, strip) tiles and
+    reuses its scratch slots."""
+    ssim = _triton_ssim_or_skip()
+    monkeypatch.setattr(ssim, "MAX_PROGRAMS", 3)
+    check_triton_launchers((2, 1, 17, 30), padding, 5, tile=(5, 32), seed=3)
+
+
+def test_triton_tiling_choice():
+    """Default tiles: wide images get 128-column strips and enough row chunks for the GPU, each
+    chunk at least four halos tall; narrow ones one strip."""
+    ssim = _triton_ssim_or_skip()
+    assert ssim.strip_width(1910, 0) == 128 and ssim.strip_width(1920, 10) == 128
+    assert ssim.strip_width(20, 10) == 32 and ssim.strip_width(100, 0) == 128
+    assert ssim.chunk_rows(1070, 375, 10) == -(-1070 // (ssim.MAX_PROGRAMS // 375))  # 214 rows, 1875 programs
+    assert ssim.chunk_rows(502, 124, 10) == 40 and ssim.chunk_rows(3, 1, 0) == 16
+    with pytest.raises(ValueError, match="tile must be"):
+        ssim.ssim_map_forward(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), 3, 1.5, 1.0, 0.01, 0.03, "zero",
+                              tile=(4, 48))
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
@@ -476,3 +535,28 @@ def test_gpu_real_shapes(padding, dtype):
         assert_grad_close(x.grad, xr.grad, dtype, f"{backend} dx")
         assert_grad_close(y.grad, yr.grad, dtype, f"{backend} dy")
 
+
+
+# ------------------------------------------------------------------ the documented fp32 range
+@pytest.mark.parametrize("scale", [1e-6, 1e4, 1e9])
+@pytest.mark.parametrize("device,backend", backend_params("ssim_map") + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_fp32_range_of_every_backend(scale, device, backend):
+    """Within the documented range (|data|, data_range ≤ 1e9) every backend matches float64."""
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 2, 13, 14, dtype=torch.float64), torch.rand(1, 2, 13, 14, dtype=torch.float64)
+    expected = fastfuse.ssim_map(x * scale, y * scale, data_range=scale, backend="torch")
+    got = fastfuse.ssim_map((x * scale).float().to(device), (y * scale).float().to(device), data_range=scale,
+                            backend=backend)
+    torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e12, 1e20, 1e30])
+def test_torch_backend_fp32_rescales_huge_data(scale):
+    """The torch backend's fp32 formula divides by a power of two: finite and exact for any finite data."""
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 2, 13, 14, dtype=torch.float64), torch.rand(1, 2, 13, 14, dtype=torch.float64)
+    for data_range, other in ((scale, y * scale), (1.0, y)):  # both on the huge scale; one huge, one unit
+        expected = fastfuse.ssim_map(x * scale, other, data_range=data_range, backend="torch")
+        got = fastfuse.ssim_map((x * scale).float(), other.float(), data_range=data_range, backend="torch")
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)

@@ -1,24 +1,31 @@
-"""Triton SSIM map: one pass forward, one pass backward, all three padding modes, separable filtering.
+"""Triton SSIM map: separable sliding-window filtering, one pass forward, one pass backward.
 
-Design. The Gaussian window is separable, so each program filters along the columns with direct
-taps (for each of the WS taps, one shifted load of x and y, which hits L1/L2 after the first:
-every tile column is an output column, no column halo is wasted) and then along the rows by
-shifting the row-filtered block in registers (`tl.gather` along axis 0: warp shuffles, no
-matrix units). The five moments μx, μy, E[x²], E[y²], E[xy] are formed in registers and only the
-map is written. A forward block of P rows × 32 columns yields P − 2r map rows (84% at P = 64,
-r = 5). Padding is index arithmetic on the loads: "zero" masks, "reflect" folds the index
-(repeatedly for images shorter than the radius), "valid" offsets the centres.
+Forward. A program owns a strip of BW map columns (one per thread) and a chunk of map rows, and
+walks down the padded input rows once. At each row it filters the four moments x', y',
+x'² + y'², x'y' along the row with direct taps (shifted loads of x and y, in chunks of 2^k taps
+per load; L1 hits after the first; no column of the strip is a halo) and feeds them to a sliding
+vertical window: a tuple of 2r partial sums of the four packed moments, one per map row still
+open, rotated by one at every row (static tuple indices: registers, no shared memory, no matrix
+units). The map row that just received its last tap is formed and stored. A chunk of N map rows
+costs N + 2r row steps; chunk_rows keeps the chunks long (the warm-up at most a fifth).
 
-The backward program owns a tile of the gradient in padded coordinates. It recomputes the
-statistics of the outputs that reach it (a 2r row halo; columns again come from direct loads),
-forms the four adjoint maps (the map's partials times the incoming gradient), and applies the
-transposed filter the same way, rows by register shifts and columns by register shifts:
-   dx = Gᵀ(A_mx) + 2x·Gᵀ(A_sq) + y·Gᵀ(A_xy),  dy = Gᵀ(A_my) + 2y·Gᵀ(A_sq) + x·Gᵀ(A_xy).
-A 64 × 32 block keeps (64 − 4r) × (32 − 2r) gradient pixels (47% at r = 5; 64 columns
-would keep 58% but needs 16 warps for its registers, and at their 128-register cap it spills). For "zero" and
-"valid" the padded coordinates inside the image are the pixels; for "reflect" the kernel writes
-the gradient of the padded image and the host folds the 2r-wide border back onto the pixels it
-mirrors (two index_add_ calls).
+Backward. The gradient is a transposed filter of four adjoint maps,
+   dx = Wᵀ(A_mx) + 2x'·Wᵀ(A_ss) + y'·Wᵀ(A_xy),  dy = Wᵀ(A_my) + 2y'·Wᵀ(A_ss) + x'·Wᵀ(A_xy),
+with A_* = g·∂S/∂(moment). One pass computes them all in the same walk down the rows: the forward
+window yields the moments of one map row, the adjoints are formed at once, a second sliding window
+(the vertical part of Wᵀ, in registers again) yields one gradient row 2r rows later, and its
+horizontal part needs the adjoint sums of the 2r neighbouring columns, which live in other
+threads: each program exchanges that one row (four maps as one 16-byte vector per column)
+through a small global scratch slot of its own and a barrier, and reads the WS taps back (L1
+hits). Threads own map columns, gradient column a reads map columns a .. a + 2r, so a strip of BW
+threads yields BW − 2r gradient columns; a chunk of N gradient rows costs N + 4r row steps. The
+programs are persistent (at most MAX_PROGRAMS), which bounds the scratch. For "zero" and "valid"
+the gradient rows and columns are the pixels; for "reflect" the kernel writes the gradient of the
+padded image and the host folds the 2r-wide border back onto the pixels it mirrors.
+
+Padding is index arithmetic on the loads: "zero" masks, "reflect" folds the index (repeatedly for
+images shorter than the radius), "valid" offsets the centres (one mask per column, for the
+columns whose window leaves the image: those are discarded).
 
 The forward kernel's MIX switch serves fastfuse.spectral_response_ssim in the same pass: x is not
 loaded but formed at every tap as Y' = Σ_k R[j, k]·z[b, k] (fp32 accumulation, rounded to the
@@ -30,7 +37,9 @@ TF32). Each program subtracts one of its pixel values from x (and y) before taki
 (SSIM is shift-invariant, the zero padding included), so E[x²] − μ² cancels far less on bright,
 flat content. Non-finite values propagate through the taps exactly as through the reference's
 convolutions. Windows up to MAX_WINDOW_SIZE are served; larger ones fall back to the reference
-under backend="auto" and are refused under backend="triton". The compile report
+under backend="auto" and are refused under backend="triton". The sliding windows hold 2r partial
+sums per quantity in registers: spill-free up to window_size 19 (the backward holds two windows,
+~250 registers at 19); at 25 the backward spills (~180 B per thread). The compile report
 (python -m fastfuse.compile_report) gives registers, spills and shared memory per target.
 """
 from __future__ import annotations
@@ -45,12 +54,16 @@ from fastfuse.backends import INT32_LIMIT
 from fastfuse.reference.ssim import output_size
 
 MAX_WINDOW_SIZE = 25
-_BLOCKS = (32, 64)  # rows per block (the column width is fixed)
-FORWARD_WIDTH = 32
-BACKWARD_WIDTH = 32
+# Enough 4-warp programs to fill every SM of the largest current GPUs a few times over; the
+# backward's persistent grid is capped at this (its scratch is one slot per program).
+MAX_PROGRAMS = 2048
+# Columns (= threads) per program on wide images: 4 warps; wider strips would waste fewer halo
+# columns in the backward but, at its ~170 registers, fit fewer warps per SM.
+_STRIP_WIDTH = 128
 _FP32_TINY = torch.finfo(torch.float32).tiny
 _FP32_MAX = torch.finfo(torch.float32).max
 _INV_TWO_VAR_CAP = 1e30
+_PADDING_CODES = {"valid": 0, "zero": 1, "reflect": 2}  # the kernels' PAD
 
 
 def supports(window_size: int, padding: str, data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03,
@@ -59,8 +72,8 @@ def supports(window_size: int, padding: str, data_range: float = 1.0, k1: float 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels compute in fp32 and take fp32/fp16/bf16 inputs, got {dtype}"
     if window_size > MAX_WINDOW_SIZE:
-        return (f"the triton kernels support window_size <= {MAX_WINDOW_SIZE} (a 64-wide block "
-                f"leaves too little of a tile for larger windows), got {window_size}")
+        return (f"the triton kernels support window_size <= {MAX_WINDOW_SIZE} (their sliding windows "
+                f"keep 2·radius rows per moment in registers), got {window_size}")
     for name, k in (("C1", k1), ("C2", k2)):
         c = (k * data_range) ** 2
         if not _FP32_TINY <= c <= _FP32_MAX:
@@ -68,18 +81,19 @@ def supports(window_size: int, padding: str, data_range: float = 1.0, k1: float 
     return None
 
 
-def forward_block(radius: int, out_rows: int = 1 << 30) -> int:
-    # A block of P rows recomputes 2r halo rows: 64 keeps 84% at r = 5 (32 would keep 69%);
-    # 32 when one such block covers the whole map height (less work past the image).
-    return 32 if out_rows <= 32 - 2 * radius else 64
+def strip_width(columns: int, halo: int) -> int:
+    """Threads (= columns) per program for `columns` outputs when a strip of BW yields BW − halo."""
+    return min(_STRIP_WIDTH, max(32, triton.next_power_of_2(columns + halo)))
 
 
-def backward_block(radius: int, grad_rows: int = 1 << 30) -> int:
-    # Backward keeps P − 4r rows: 64 (32 would keep 12 of 32 rows at r = 5), or 32 when one
-    # 32-block covers the whole gradient height.
-    return 32 if grad_rows <= 32 - 4 * radius else 64
+def chunk_rows(rows: int, strips: int, halo: int) -> int:
+    """Rows per program: enough programs (strips × chunks ≈ MAX_PROGRAMS) to fill the GPU, but at
+    least 4·halo rows, so the warm-up (halo row steps per chunk) stays under a fifth of the work."""
+    chunks = max(1, MAX_PROGRAMS // max(strips, 1))
+    return max(triton.cdiv(rows, chunks), 4 * halo, 16)
 
 
+# --------------------------------------------------------------------------- shared device code
 
 @triton.jit
 def _fold_reflect(k, n):
@@ -90,18 +104,16 @@ def _fold_reflect(k, n):
 
 
 @triton.jit
-def _source(q, n, REFLECT: tl.constexpr):
-    """(pixel index, inside) of padded coordinate q: folded for "reflect", masked otherwise."""
-    if REFLECT:
+def _source(q, n, PAD: tl.constexpr):
+    """(pixel index, inside) of padded coordinate q. "reflect" folds it; "valid" clamps it (it
+    reads outside the image only for outputs that are discarded, strip overhangs and the rows
+    before a backward chunk's first map row); "zero" masks it (a masked load never touches its
+    address). Only "zero" ever has inside False, so the others load unmasked."""
+    if PAD == 2:
         return _fold_reflect(q, n), q == q
-    inside = (q >= 0) & (q < n)
-    return tl.where(inside, q, 0), inside
-
-
-@triton.jit
-def _weight(t, norm, inv_two_var, R: tl.constexpr):
-    d = t - R
-    return tl.exp(-(d * d) * inv_two_var) / norm
+    if PAD == 0:
+        return tl.minimum(tl.maximum(q, 0), n - 1), q == q
+    return q, (q >= 0) & (q < n)
 
 
 @triton.jit
@@ -113,9 +125,70 @@ def _norm(inv_two_var, R: tl.constexpr, WS: tl.constexpr):
 
 
 @triton.jit
+def _taps(inv_two_var, norm, R: tl.constexpr, WS: tl.constexpr):
+    """The normalised sampled Gaussian as a tuple of WS fp32 scalars (exactly symmetric)."""
+    taps = ()
+    for t in tl.static_range(WS):
+        taps = taps + (tl.exp(-((t - R) * (t - R)) * inv_two_var) / norm,)
+    return taps
+
+
+@triton.jit
+def _tap_chunks(col0, W, inv_two_var, norm, BW: tl.constexpr, R: tl.constexpr, WS: tl.constexpr,
+                PAD: tl.constexpr):
+    """The WS taps of a row filter in chunks of 2^k taps (the binary digits of WS), so that each
+    chunk is one [2^k, BW] load and no tap is wasted: per chunk (source column and inside
+    [2^k, BW] for taps t at padded column col0 + a + t, weight [2^k, 1]).
+    Computed once per program: the reflect folds stay out of the row loop."""
+    chunks = ()
+    first = 0
+    for k in tl.static_range(5):
+        if (WS >> k) & 1:
+            t = first + tl.arange(0, 1 << k)[:, None]
+            src, ok = _source(col0 + t + tl.arange(0, BW)[None, :], W, PAD)
+            if PAD == 0:
+                # Unclamped (consecutive taps stay consecutive addresses) under one mask per
+                # column: a column whose window leaves the image is one that is discarded.
+                src = col0 + t + tl.arange(0, BW)[None, :]
+                ok = (col0 + tl.arange(0, BW)[None, :] >= 0) & (col0 + tl.arange(0, BW)[None, :] <= W - WS)
+            d = (t - R).to(tl.float32)
+            chunks = chunks + ((src, ok, tl.exp(-(d * d) * inv_two_var) / norm),)
+            first += 1 << k
+    return chunks
+
+
+@triton.jit
+def _open_sums(BW: tl.constexpr, WS: tl.constexpr):
+    """The empty state of one sliding window: WS − 1 zero rows of the four packed moments."""
+    sums = ()
+    for _ in tl.static_range(WS - 1):
+        sums = sums + (tl.zeros((BW, 2, 2), tl.float32),)
+    return sums
+
+
+@triton.jit
+def _slide(sums, h, taps, WS: tl.constexpr):
+    """One row step of a sliding vertical window: (the row that is complete, the new state).
+
+    sums[k] is the open sum of the output row that has received WS − 1 − k taps, oldest first;
+    row h gives each its next tap, closes sums[0] and opens a new one (which gets taps[0]). The
+    window is symmetric, so the same step applies the transposed filter."""
+    if WS == 1:
+        done = taps[0] * h
+        new = sums
+    else:
+        done = sums[0] + taps[WS - 1] * h
+        new = ()
+        for k in tl.static_range(1, WS - 1):
+            new = new + (sums[k] + taps[WS - 1 - k] * h,)
+        new = new + (taps[0] * h,)
+    return done, new
+
+
+@triton.jit
 def _mix_at(z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri, src_r, src_c, mask, OUT_DTYPE: tl.constexpr):
     """x = Σ_c R[j, c]·z[b, c] at the given pixels (fp32 accumulation), rounded to the output dtype."""
-    pixel = src_r[:, None] * szh + src_c[None, :] * szw
+    pixel = src_r * szh + src_c * szw
     band_ptr = z_ptr + z_base
     acc = tl.zeros(mask.shape, tl.float32)
     for c in range(n_bands):
@@ -126,270 +199,259 @@ def _mix_at(z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri, src_r, sr
 
 
 @triton.jit
-def _column_moments(x_ptr, x_base, y_ptr, y_base, src_r, ok_r, col0, H, W, sxh, sxw, syh, syw, shift_x, shift_y,
-                    norm, inv_two_var, z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri,
-                    PH: tl.constexpr, BW: tl.constexpr, R: tl.constexpr, WS: tl.constexpr,
-                    REFLECT: tl.constexpr, MIX: tl.constexpr):
-    """Row-wise filtered moments h[k, a] of the centred x, y: taps at padded columns col0 + a + j."""
-    cols = col0 + tl.arange(0, BW)
-    hx = tl.zeros((PH, BW), tl.float32)
-    hy = tl.zeros((PH, BW), tl.float32)
-    hxx = tl.zeros((PH, BW), tl.float32)
-    hyy = tl.zeros((PH, BW), tl.float32)
-    hxy = tl.zeros((PH, BW), tl.float32)
-    for j in tl.static_range(WS):
-        src_c, ok_c = _source(cols + j, W, REFLECT)
-        mask = ok_r[:, None] & ok_c[None, :]
+def _row_moments(x_ptr, x_base, y_ptr, y_base, p, H, sxh, sxw, syh, syw, shift_x, shift_y, chunks,
+                 z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri,
+                 PAD: tl.constexpr, MIX: tl.constexpr):
+    """Padded row p filtered along the row (direct taps, `chunks` of _tap_chunks): the four
+    moments x', y', x'² + y'², x'y' of the centred x' = x − shift_x, y' = y − shift_y, packed
+    [BW, 2, 2] as tl.join(tl.join(x, y), tl.join(ss, xy))."""
+    src_r, ok_r = _source(p, H, PAD)
+    x_row = x_ptr + (x_base + src_r.to(tl.int64) * sxh)
+    y_row = y_ptr + (y_base + src_r.to(tl.int64) * syh)
+    for j in tl.static_range(len(chunks)):
+        src_c, ok_c, w = chunks[j]
+        mask = tl.where(ok_r, ok_c, False)  # not ok_c & ok_r: the interpreter splats a scalar int1 as int32
         if MIX:
             xv = _mix_at(z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri, src_r, src_c, mask,
                          x_ptr.dtype.element_ty)
+        elif PAD == 1:  # the padding zeros
+            xv = tl.load(x_row + src_c * sxw, mask=mask, other=0.0).to(tl.float32)
+        else:  # masked lanes are discarded columns: any value
+            xv = tl.load(x_row + src_c * sxw, mask=mask).to(tl.float32)
+        if PAD == 1:
+            yv = tl.load(y_row + src_c * syw, mask=mask, other=0.0).to(tl.float32)
         else:
-            xv = tl.load(x_ptr + x_base + src_r[:, None] * sxh + src_c[None, :] * sxw, mask=mask,
-                         other=0.0).to(tl.float32)
-        yv = tl.load(y_ptr + y_base + src_r[:, None] * syh + src_c[None, :] * syw, mask=mask,
-                     other=0.0).to(tl.float32)
+            yv = tl.load(y_row + src_c * syw, mask=mask).to(tl.float32)
         xv -= shift_x  # the padding zeros are shifted too: SSIM of the shifted padded image
         yv -= shift_y
-        w = _weight(j, norm, inv_two_var, R)
-        hx += w * xv
-        hy += w * yv
-        hxx += w * (xv * xv)
-        hyy += w * (yv * yv)
-        hxy += w * (xv * yv)
-    return hx, hy, hxx, hyy, hxy
+        terms = tl.join(tl.join(xv, yv), tl.join(xv * xv + yv * yv, xv * yv))
+        # Σ over the chunk's taps; a one-tap chunk is reshaped instead (tl.sum is a jit function,
+        # and the interpreter pays for each call).
+        if w.shape[0] == 1:
+            part = tl.reshape(w[:, :, None, None] * terms, terms.shape[1:])
+        else:
+            part = tl.sum(w[:, :, None, None] * terms, axis=0)
+        if j == 0:
+            h = part
+        else:
+            h += part
+    return h
 
 
 @triton.jit
-def _shift_filter(v, norm, inv_two_var, AXIS: tl.constexpr, START: tl.constexpr, STEP: tl.constexpr,
-                  R: tl.constexpr, WS: tl.constexpr):
-    """out[..k..] = Σ_t w_t v[..START + k + STEP·t..] along AXIS, by register shifts (indices clamped:
-    the entries that would read past the block are garbage and must be masked by the caller)."""
-    n: tl.constexpr = v.shape[AXIS]
-    if AXIS == 0:
-        k = tl.arange(0, n)[:, None] + tl.zeros(v.shape, tl.int32)
-    else:
-        k = tl.arange(0, n)[None, :] + tl.zeros(v.shape, tl.int32)
-    out = tl.zeros(v.shape, tl.float32)
-    for t in tl.static_range(WS):
-        idx = tl.minimum(tl.maximum(k + (START + STEP * t), 0), n - 1)
-        out += _weight(t, norm, inv_two_var, R) * tl.gather(v, idx, AXIS)
-    return out
+def _ssim_terms(moments, shift_x, shift_y, c1, c2):
+    """S = a·b / (c·d) from the packed centred moments (m = μ − shift): (m_x, m_y, μx, μy, a, b, c, d)."""
+    first, second = tl.split(moments)
+    m_x, m_y = tl.split(first)
+    e_ss, e_xy = tl.split(second)
+    mu_x = m_x + shift_x
+    mu_y = m_y + shift_y
+    a = 2.0 * mu_x * mu_y + c1
+    b = 2.0 * (e_xy - m_x * m_y) + c2
+    c = mu_x * mu_x + mu_y * mu_y + c1
+    d = (e_ss - m_x * m_x - m_y * m_y) + c2
+    return m_x, m_y, mu_x, mu_y, a, b, c, d
 
 
 @triton.jit
 def _shift_of(ptr, base, row, col, H, W, sh, sw):
-    """One pixel value (clamped into the image) to centre a program's block on; 0 if not finite."""
-    v = tl.load(ptr + base + tl.minimum(tl.maximum(row, 0), H - 1) * sh
+    """One pixel value (clamped into the image) to centre a program's strip on; 0 if not finite."""
+    v = tl.load(ptr + base + tl.minimum(tl.maximum(row, 0), H - 1).to(tl.int64) * sh
                 + tl.minimum(tl.maximum(col, 0), W - 1) * sw).to(tl.float32)
     return tl.where(tl.abs(v) < float("inf"), v, 0.0)
 
 
 @triton.jit
-def _plane(tiles_h, tiles_w, C):
-    pid = tl.program_id(0)
-    tile_w = pid % tiles_w
-    rest = pid // tiles_w
+def _tile(tile, tiles_h, tiles_w, C):
+    """(row chunk, column strip, batch, channel) of a linear tile index; plane indices in int64
+    (B·C·H·W may pass 2**31 even when one plane does not)."""
+    tile_w = tile % tiles_w
+    rest = tile // tiles_w
     tile_h = rest % tiles_h
     plane = rest // tiles_h
-    # Plane offsets in int64: B·C·H·W may pass 2**31 even when one plane does not.
     return tile_h, tile_w, (plane // C).to(tl.int64), (plane % C).to(tl.int64)
 
 
 @triton.jit
-def _store_mixed_owned(x_ptr, x_base, z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri,
-                       row_lo, row_hi, col_lo, col_hi, sxh, sxw, PH: tl.constexpr, BW2: tl.constexpr):
-    """Store Y' = R·z at the pixels rows [row_lo, row_hi) × cols [col_lo, col_hi) this program owns."""
-    rows = row_lo + tl.arange(0, PH)
+def _store_mixed_row(x_ptr, x_row, z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri,
+                     src_r, col_lo, col_hi, sxw, BW2: tl.constexpr):
+    """Store Y' = R·z at the owned pixels [col_lo, col_hi) of one image row."""
     cols = col_lo + tl.arange(0, BW2)
-    mask = (rows < row_hi)[:, None] & (cols < col_hi)[None, :]
-    rows = tl.where(rows < row_hi, rows, 0)
-    cols = tl.where(cols < col_hi, cols, 0)
-    x = _mix_at(z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri, rows, cols, mask, x_ptr.dtype.element_ty)
-    tl.store(x_ptr + x_base + rows[:, None] * sxh + cols[None, :] * sxw, x.to(x_ptr.dtype.element_ty), mask=mask)
+    mask = cols < col_hi
+    x = _mix_at(z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri, src_r, cols, mask, x_ptr.dtype.element_ty)
+    tl.store(x_ptr + x_row + cols * sxw, x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _strip_setup(x_ptr, x_base, y_ptr, y_base, row, col, H, W, sxh, sxw, syh, syw, inv_two_var, col0,
+                 BW: tl.constexpr, R: tl.constexpr, WS: tl.constexpr, PAD: tl.constexpr):
+    """What a strip's walk needs, forward and backward alike: the shifts (the pixel at (row, col),
+    clamped), the vertical taps, the horizontal tap chunks for taps starting at padded column
+    col0 + a, and the empty sliding window."""
+    shift_x = _shift_of(x_ptr, x_base, row, col, H, W, sxh, sxw)
+    shift_y = _shift_of(y_ptr, y_base, row, col, H, W, syh, syw)
+    norm = _norm(inv_two_var, R, WS)
+    taps = _taps(inv_two_var, norm, R, WS)
+    chunks = _tap_chunks(col0, W, inv_two_var, norm, BW, R, WS, PAD)
+    return shift_x, shift_y, taps, chunks, _open_sums(BW, WS)
 
 
 @triton.jit
 def _ssim_fwd_kernel(x_ptr, y_ptr, out_ptr, C, H, W, OH, OW,
                      sxb, sxc, sxh, sxw, syb, syc, syh, syw, sob, soc, soh, sow,
-                     tiles_h, tiles_w, center_offset, inv_two_var, c1, c2,
+                     tiles_h, tiles_w, chunk, center_offset, inv_two_var, c1, c2,
                      z_ptr, r_ptr, n_bands, szb, szc, szh, szw, sro, sri,
-                     PH: tl.constexpr, BW: tl.constexpr, R: tl.constexpr, WS: tl.constexpr,
-                     REFLECT: tl.constexpr, MIX: tl.constexpr, BW2: tl.constexpr):
-    """SSIM map of x and y. MIX: x is not read but formed from z and R (x = R·z, the spectral
-    response) at every tap, and the program writes the pixels of x_ptr it owns."""
-    tile_h, tile_w, bi, ci = _plane(tiles_h, tiles_w, C)
-    T: tl.constexpr = PH - 2 * R
-    oh0 = tile_h * T
+                     BW: tl.constexpr, R: tl.constexpr, WS: tl.constexpr,
+                     PAD: tl.constexpr, MIX: tl.constexpr, BW2: tl.constexpr):
+    """SSIM map rows [oh0, oh0 + chunk) × columns [ow0, ow0 + BW) of one plane. MIX: x is not read
+    but formed from z and R (x = R·z, the spectral response) at every tap, and the program writes
+    the pixels of x_ptr it owns."""
+    tile_h, tile_w, bi, ci = _tile(tl.program_id(0), tiles_h, tiles_w, C)
+    oh0 = tile_h * chunk
     ow0 = tile_w * BW
+    rows = tl.minimum(chunk, OH - oh0)
     x_base = bi * sxb + ci * sxc
     y_base = bi * syb + ci * syc
     z_base = bi * szb
     r_base = ci * sro
-    # Padded rows ih0 + k feed output rows oh0 + k − 2R.. ; padded columns ow0 + a + j − R + c.
-    ih0 = oh0 + center_offset - R
-    src_r, ok_r = _source(ih0 + tl.arange(0, PH), H, REFLECT)
-    shift_y = _shift_of(y_ptr, y_base, oh0 + center_offset, ow0 + center_offset, H, W, syh, syw)
+    # Map position (o, c) has its taps at padded rows o + offset − R + t and columns c + offset − R + t.
+    shift_x, shift_y, taps, chunks, sums = _strip_setup(
+        x_ptr, x_base, y_ptr, y_base, oh0 + center_offset, ow0 + center_offset, H, W, sxh, sxw, syh, syw,
+        inv_two_var, ow0 + center_offset - R, BW, R, WS, PAD)
     if MIX:
-        shift_x = shift_y  # any constant works; Y' approximates y
-        first_h = tile_h == 0
-        last_h = tile_h == tiles_h - 1
-        first_w = tile_w == 0
-        last_w = tile_w == tiles_w - 1
-        _store_mixed_owned(x_ptr, x_base, z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri,
-                           tl.where(first_h, 0, oh0 + center_offset),
-                           tl.where(last_h, H, tl.minimum(oh0 + center_offset + T, H)),
-                           tl.where(first_w, 0, ow0 + center_offset),
-                           tl.where(last_w, W, tl.minimum(ow0 + center_offset + BW, W)), sxh, sxw, PH, BW2)
-    else:
-        shift_x = _shift_of(x_ptr, x_base, oh0 + center_offset, ow0 + center_offset, H, W, sxh, sxw)
-    norm = _norm(inv_two_var, R, WS)
-    hx, hy, hxx, hyy, hxy = _column_moments(
-        x_ptr, x_base, y_ptr, y_base, src_r, ok_r, ow0 + center_offset - R, H, W, sxh, sxw, syh, syw,
-        shift_x, shift_y, norm, inv_two_var, z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri,
-        PH, BW, R, WS, REFLECT, MIX)
-    m_x = _shift_filter(hx, norm, inv_two_var, 0, 0, 1, R, WS)
-    m_y = _shift_filter(hy, norm, inv_two_var, 0, 0, 1, R, WS)
-    e_xx = _shift_filter(hxx, norm, inv_two_var, 0, 0, 1, R, WS)
-    e_yy = _shift_filter(hyy, norm, inv_two_var, 0, 0, 1, R, WS)
-    e_xy = _shift_filter(hxy, norm, inv_two_var, 0, 0, 1, R, WS)
-    mu_x = m_x + shift_x
-    mu_y = m_y + shift_y
-    num = (2.0 * mu_x * mu_y + c1) * (2.0 * (e_xy - m_x * m_y) + c2)
-    den = (mu_x * mu_x + mu_y * mu_y + c1) * ((e_xx - m_x * m_x) + (e_yy - m_y * m_y) + c2)
-    smap = num / den
-
-    k = tl.arange(0, PH)
-    a = tl.arange(0, BW)
-    orow = oh0 + k
-    ocol = ow0 + a
-    mask = ((k < T) & (orow < OH))[:, None] & (ocol < OW)[None, :]
-    offsets = bi * sob + ci * soc + orow[:, None] * soh + ocol[None, :] * sow
-    tl.store(out_ptr + offsets, smap.to(out_ptr.dtype.element_ty), mask=mask)
+        shift_x = shift_y  # any constant works, and x is not there yet; Y' approximates y
+        col_lo = tl.where(tile_w == 0, 0, ow0 + center_offset)
+        col_hi = tl.where(tile_w == tiles_w - 1, W, tl.minimum(ow0 + center_offset + BW, W))
+        row_lo = tl.where(tile_h == 0, 0, oh0 + center_offset)
+        row_hi = tl.where(tile_h == tiles_h - 1, H, tl.minimum(oh0 + center_offset + chunk, H))
+    cols = ow0 + tl.arange(0, BW)
+    out_row = out_ptr + (bi * sob + ci * soc) + cols * sow
+    p0 = oh0 + center_offset - R  # the padded row of map row oh0's first tap
+    for i in range(rows + 2 * R):
+        p = p0 + i
+        if MIX:
+            if (p >= row_lo) & (p < row_hi):
+                _store_mixed_row(x_ptr, x_base + p.to(tl.int64) * sxh, z_ptr, z_base, r_ptr, r_base, n_bands,
+                                 szc, szh, szw, sri, p, col_lo, col_hi, sxw, BW2)
+        h = _row_moments(x_ptr, x_base, y_ptr, y_base, p, H, sxh, sxw, syh, syw, shift_x, shift_y, chunks,
+                         z_ptr, z_base, r_ptr, r_base, n_bands, szc, szh, szw, sri, PAD, MIX)
+        moments, sums = _slide(sums, h, taps, WS)
+        # Map row oh0 + i − 2R is complete once i >= 2R (the first steps only fill the window).
+        _, _, _, _, a, b, c, d = _ssim_terms(moments, shift_x, shift_y, c1, c2)
+        o = oh0 + i - 2 * R
+        tl.store(out_row + o.to(tl.int64) * soh, ((a * b) / (c * d)).to(out_ptr.dtype.element_ty),
+                 mask=tl.where(i >= 2 * R, cols < OW, False))
 
 
 @triton.jit
-def _ssim_bwd_kernel(g_ptr, x_ptr, y_ptr, dx_ptr, dy_ptr, C, H, W, OH, OW, QH, QW,
-                     sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-                     sdb, sdc, sdh, sdw,
-                     tiles_h, tiles_w, center_offset, inv_two_var, c1, c2,
-                     PH: tl.constexpr, PW: tl.constexpr, R: tl.constexpr, WS: tl.constexpr,
-                     REFLECT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr):
-    """Gradient at padded coordinates q ∈ [q_lo, q_lo + QH) × [.., QW), q_lo = c − R; d*_ptr are
-    indexed by q − q_lo (a padded buffer for "reflect") or by q itself (the image, "zero"/"valid":
-    only q inside the image is stored)."""
-    tile_h, tile_w, bi, ci = _plane(tiles_h, tiles_w, C)
-    TQ: tl.constexpr = PH - 4 * R
-    TQW: tl.constexpr = PW - 2 * R
-    q_lo = center_offset - R
-    qh0 = q_lo + tile_h * TQ
-    qw0 = q_lo + tile_w * TQW
-    # Block row k: padded row ih0 + k for the column pass, output row oh0 + k for the moments;
-    # block column a: output column ow0 + a. Gradient row m ↔ q = qh0 + m, column m ↔ qw0 + m.
-    ih0 = qh0 - 2 * R
-    oh0 = ih0 - center_offset + R
-    ow0 = qw0 - center_offset - R
-    x_base = bi * sxb + ci * sxc
-    y_base = bi * syb + ci * syc
-    shift_x = _shift_of(x_ptr, x_base, qh0, qw0, H, W, sxh, sxw)
-    shift_y = _shift_of(y_ptr, y_base, qh0, qw0, H, W, syh, syw)
-    norm = _norm(inv_two_var, R, WS)
-    src_r, ok_r = _source(ih0 + tl.arange(0, PH), H, REFLECT)
-    hx, hy, hxx, hyy, hxy = _column_moments(
-        x_ptr, x_base, y_ptr, y_base, src_r, ok_r, ow0 + center_offset - R, H, W, sxh, sxw, syh, syw,
-        shift_x, shift_y, norm, inv_two_var, x_ptr, 0, x_ptr, 0, 0, 0, 0, 0, 0,
-        PH, PW, R, WS, REFLECT, False)
-    m_x = _shift_filter(hx, norm, inv_two_var, 0, 0, 1, R, WS)
-    m_y = _shift_filter(hy, norm, inv_two_var, 0, 0, 1, R, WS)
-    e_xx = _shift_filter(hxx, norm, inv_two_var, 0, 0, 1, R, WS)
-    e_yy = _shift_filter(hyy, norm, inv_two_var, 0, 0, 1, R, WS)
-    e_xy = _shift_filter(hxy, norm, inv_two_var, 0, 0, 1, R, WS)
-    mu_x = m_x + shift_x
-    mu_y = m_y + shift_y
-
-    # Rows past PH − 2R have truncated windows, and outputs outside the map do not exist: their
-    # adjoints must be exactly zero.
-    k = tl.arange(0, PH)
-    a = tl.arange(0, PW)
-    orow = oh0 + k
-    ocol = ow0 + a
-    out_valid = ((k < PH - 2 * R) & (orow >= 0) & (orow < OH))[:, None] & ((ocol >= 0) & (ocol < OW))[None, :]
-    g = tl.load(g_ptr + bi * sgb + ci * sgc + orow[:, None] * sgh + ocol[None, :] * sgw,
-                mask=out_valid, other=0.0).to(tl.float32)
-
-    # S = ab/(cd) with a = 2μxμy + C1, b = 2σxy + C2, c = μx² + μy² + C1, d = σx² + σy² + C2, in
-    # the centred moments m = μ − shift: σxy = E[x'y'] − m_x·m_y. Partials, weighted by g:
-    # ∂S/∂m_x = 2(μy·b − m_y·a)/(cd) − 2S(μx/c − m_x/d), ∂S/∂E[x'²] = −S/d, ∂S/∂E[x'y'] = 2a/(cd).
-    pa = 2.0 * mu_x * mu_y + c1
-    pb = 2.0 * (e_xy - m_x * m_y) + c2
-    pc = mu_x * mu_x + mu_y * mu_y + c1
-    pd = (e_xx - m_x * m_x) + (e_yy - m_y * m_y) + c2
-    g_cd = 2.0 * g / (pc * pd)
-    g_s = g_cd * pa * pb * 0.5  # g·S
-    adj_sq = tl.where(out_valid, -g_s / pd, 0.0)
-    adj_cross = tl.where(out_valid, g_cd * pa, 0.0)
-    # Transposed filter: gradient row m gathers output rows m + 2R − t (the window is symmetric),
-    # then column m gathers output columns m + 2R − t.
-    back_sq = _shift_filter(_shift_filter(adj_sq, norm, inv_two_var, 0, 2 * R, -1, R, WS),
-                            norm, inv_two_var, 1, 2 * R, -1, R, WS)
-    back_cross = _shift_filter(_shift_filter(adj_cross, norm, inv_two_var, 0, 2 * R, -1, R, WS),
-                               norm, inv_two_var, 1, 2 * R, -1, R, WS)
-
-    m_r = tl.arange(0, PH)
-    m_c = tl.arange(0, PW)
-    qr = qh0 + m_r
-    qc = qw0 + m_c
-    src_qr, ok_qr = _source(qr, H, REFLECT)
-    src_qc, ok_qc = _source(qc, W, REFLECT)
-    keep = ((m_r < TQ) & (qr < q_lo + QH))[:, None] & ((m_c < TQW) & (qc < q_lo + QW))[None, :]
-    at_q = ok_qr[:, None] & ok_qc[None, :]
-    xq = tl.load(x_ptr + x_base + src_qr[:, None] * sxh + src_qc[None, :] * sxw, mask=at_q,
-                 other=0.0).to(tl.float32) - shift_x
-    yq = tl.load(y_ptr + y_base + src_qr[:, None] * syh + src_qc[None, :] * syw, mask=at_q,
-                 other=0.0).to(tl.float32) - shift_y
-    if REFLECT:
-        store_mask = keep
-        offsets = bi * sdb + ci * sdc + (qr - q_lo)[:, None] * sdh + (qc - q_lo)[None, :] * sdw
-    else:
-        store_mask = keep & at_q
-        offsets = bi * sdb + ci * sdc + src_qr[:, None] * sdh + src_qc[None, :] * sdw
-    if NEED_DX:
-        adj_mean = tl.where(out_valid, g_cd * (mu_y * pb - m_y * pa) - 2.0 * g_s * (mu_x / pc - m_x / pd), 0.0)
-        back_mean = _shift_filter(_shift_filter(adj_mean, norm, inv_two_var, 0, 2 * R, -1, R, WS),
-                                  norm, inv_two_var, 1, 2 * R, -1, R, WS)
-        dx = back_mean + 2.0 * xq * back_sq + yq * back_cross
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=store_mask)
-    if NEED_DY:
-        adj_mean = tl.where(out_valid, g_cd * (mu_x * pb - m_x * pa) - 2.0 * g_s * (mu_y / pc - m_y / pd), 0.0)
-        back_mean = _shift_filter(_shift_filter(adj_mean, norm, inv_two_var, 0, 2 * R, -1, R, WS),
-                                  norm, inv_two_var, 1, 2 * R, -1, R, WS)
-        dy = back_mean + 2.0 * yq * back_sq + xq * back_cross
-        tl.store(dy_ptr + offsets, dy.to(dy_ptr.dtype.element_ty), mask=store_mask)
+def _exchange_row(slot_ptr, packed, taps, BW: tl.constexpr, WS: tl.constexpr):
+    """The horizontal part of Wᵀ: Σ_s w_s·B[a + s] for the four packed maps B, where column a + s
+    is another thread's. The row goes through this program's scratch slot (16 bytes per column;
+    the caller alternates two slots, so one barrier per row suffices) and comes back as one
+    16-byte load per tap (a tap loop, not a chunked tl.sum: its tree adds would cost an FMUL and
+    an FADD per pair of taps here)."""
+    a = tl.arange(0, BW)
+    m = tl.arange(0, 4)
+    tl.store(slot_ptr + a[:, None] * 4 + m[None, :], tl.reshape(packed, (BW, 4)))
+    tl.debug_barrier()  # a block barrier orders global memory within the block, as it does shared memory
+    acc = taps[0] * tl.load(slot_ptr + a[:, None] * 4 + m[None, :])
+    for s in tl.static_range(1, WS):
+        # Past column BW: never written, read only by discarded lanes.
+        acc += taps[s] * tl.load(slot_ptr + (a[:, None] + s) * 4 + m[None, :])
+    first, second = tl.split(tl.reshape(acc, (BW, 2, 2)))
+    back_x, back_y = tl.split(first)
+    back_ss, back_xy = tl.split(second)
+    return back_x, back_y, back_ss, back_xy
 
 
-def _num_warps(rows: int, width: int) -> int:
-    # 8 elements per thread and block map (16 spilled at 255 registers, ptxas sm_80): a program
-    # holds ~15 such maps at its peak (moments, adjoints, their filtered copies).
-    return max(4, min(16, rows * width // 256))
+@triton.jit
+def _ssim_bwd_kernel(g_ptr, x_ptr, y_ptr, dx_ptr, dy_ptr, scratch_ptr, C, H, W, OH, OW, QH, QW, q_lo,
+                     sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, syb, syc, syh, syw, sdb, sdc, sdh, sdw,
+                     tiles_h, tiles_w, n_tiles, chunk, center_offset, inv_two_var, c1, c2,
+                     BW: tl.constexpr, R: tl.constexpr, WS: tl.constexpr,
+                     PAD: tl.constexpr, NEED_DX: tl.constexpr, NEED_DY: tl.constexpr):
+    """Gradient at padded coordinates q ∈ [q_lo, q_lo + QH) × [q_lo, q_lo + QW); d*_ptr are indexed
+    by q − q_lo (the image for "zero"/"valid", where q_lo = 0; a padded buffer for "reflect").
+    Persistent: program pid takes tiles pid, pid + nprog, ... (a chunk of rows × a strip of
+    BW − 2R gradient columns each)."""
+    pid = tl.program_id(0)
+    slots = scratch_ptr + pid.to(tl.int64) * (2 * (BW + 2 * R) * 4)
+    a = tl.arange(0, BW)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        tile_h, tile_w, bi, ci = _tile(tile, tiles_h, tiles_w, C)
+        qh0 = q_lo + tile_h * chunk
+        qw0 = q_lo + tile_w * (BW - 2 * R)
+        rows = tl.minimum(chunk, q_lo + QH - qh0)
+        x_base = bi * sxb + ci * sxc
+        y_base = bi * syb + ci * syc
+        # Thread a: map column oc (moments, adjoints, vertical Wᵀ) and gradient column qc, which
+        # reads map columns oc(a) .. oc(a + 2R): every map position within R of qc − offset.
+        oc = qw0 - center_offset - R + a
+        shift_x, shift_y, taps, chunks, sums = _strip_setup(
+            x_ptr, x_base, y_ptr, y_base, qh0, qw0, H, W, sxh, sxw, syh, syw, inv_two_var, qw0 - 2 * R,
+            BW, R, WS, PAD)
+        back = sums
+        g_col = g_ptr + (bi * sgb + ci * sgc) + oc * sgw
+        oc_ok = (oc >= 0) & (oc < OW)
+        qc = qw0 + a
+        src_qc, ok_qc = _source(qc, W, PAD)
+        x_col = x_ptr + x_base + src_qc * sxw
+        y_col = y_ptr + y_base + src_qc * syw
+        d_col = (bi * sdb + ci * sdc) + (qc - q_lo) * sdw
+        keep = (a < BW - 2 * R) & (qc < q_lo + QW)
+        p0 = qh0 - 2 * R  # the first padded row that reaches gradient row qh0
+        for i in range(rows + 4 * R):
+            p = p0 + i
+            h = _row_moments(x_ptr, x_base, y_ptr, y_base, p, H, sxh, sxw, syh, syw, shift_x, shift_y, chunks,
+                             x_ptr, 0, x_ptr, 0, 0, 0, 0, 0, 0, PAD, False)
+            moments, sums = _slide(sums, h, taps, WS)
+            # Map row o is complete once i >= 2R; outside the map, or before, its adjoints are exactly 0.
+            o = p - center_offset - R
+            valid = tl.where((i >= 2 * R) & (o >= 0) & (o < OH), oc_ok, False)
+            g = tl.load(g_col + o.to(tl.int64) * sgh, mask=valid, other=0.0).to(tl.float32)
+            # Partials of S = ab/(cd) in the centred moments, weighted by g: ∂S/∂m_x =
+            # 2(μy·b − m_y·a)/(cd) − 2S(μx/c − m_x/d), ∂S/∂E[x'² + y'²] = −S/d, ∂S/∂E[x'y'] = 2a/(cd).
+            m_x, m_y, mu_x, mu_y, pa, pb, pc, pd = _ssim_terms(moments, shift_x, shift_y, c1, c2)
+            inv_c = 1.0 / pc
+            inv_d = 1.0 / pd
+            g_cd = 2.0 * g * inv_c * inv_d
+            g_s = 0.5 * g_cd * pa * pb  # g·S
+            adj_x = g_cd * (mu_y * pb - m_y * pa) - 2.0 * g_s * (mu_x * inv_c - m_x * inv_d)
+            adj_y = g_cd * (mu_x * pb - m_x * pa) - 2.0 * g_s * (mu_y * inv_c - m_y * inv_d)
+            adjoints = tl.join(tl.join(adj_x, adj_y), tl.join(-g_s * inv_d, g_cd * pa))
+            # where, not g = 0: the moments of rows that do not exist may be NaN or inf.
+            adjoints = tl.where(valid[:, None, None], adjoints, 0.0)
+            sums_back, back = _slide(back, adjoints, taps, WS)
+            if i >= 4 * R:  # gradient row q = p − 2R has all its map rows
+                back_x, back_y, back_ss, back_xy = _exchange_row(slots + (i % 2) * ((BW + 2 * R) * 4), sums_back, taps, BW, WS)
+                q = p - 2 * R
+                src_qr, ok_qr = _source(q, H, PAD)
+                at_q = tl.where(ok_qr, ok_qc, False)
+                xq = tl.load(x_col + src_qr.to(tl.int64) * sxh, mask=at_q, other=0.0).to(tl.float32) - shift_x
+                yq = tl.load(y_col + src_qr.to(tl.int64) * syh, mask=at_q, other=0.0).to(tl.float32) - shift_y
+                offsets = d_col + (q - q_lo).to(tl.int64) * sdh
+                if NEED_DX:
+                    dx = back_x + 2.0 * xq * back_ss + yq * back_xy
+                    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=keep)
+                if NEED_DY:
+                    dy = back_y + 2.0 * yq * back_ss + xq * back_xy
+                    tl.store(dy_ptr + offsets, dy.to(dy_ptr.dtype.element_ty), mask=keep)
+        tl.debug_barrier()  # the next tile's first exchange may reuse the slot read last
 
 
-def _check_plane_extent(block: int, *tensors: torch.Tensor) -> None:
-    """In-plane offsets are int32: refuse planes (with their block overhang) beyond that range."""
+# --------------------------------------------------------------------------- launchers
+
+def _check_plane_extent(width: int, *tensors: torch.Tensor) -> None:
+    """In-plane offsets are int32: refuse planes (with their strip overhang) beyond that range."""
     for t in tensors:
-        extent = (t.shape[-2] + block) * t.stride(-2) + (t.shape[-1] + block) * t.stride(-1)
+        extent = (t.shape[-2] + width) * t.stride(-2) + (t.shape[-1] + width) * t.stride(-1)
         if extent > INT32_LIMIT:
             raise ValueError(
                 f"fastfuse.ssim_map: one (H, W) plane of shape {tuple(t.shape)} with strides "
                 f"{t.stride()} spans more than 2**31 elements, beyond the triton kernels' int32 "
                 "in-plane offsets; use backend='torch'")
-
-
-def _pick_block(block: Optional[int], default: int, radius: int, halo: int) -> int:
-    if block is None:
-        block = default
-    if block not in _BLOCKS or block - halo * radius < 1:
-        raise ValueError(f"fastfuse.ssim_map: block must be one of {_BLOCKS} and exceed "
-                         f"{halo}·radius = {halo * radius}, got {block}")
-    return block
 
 
 def _common(window_size, sigma, data_range, k1, k2, padding, dtype):
@@ -411,15 +473,32 @@ def _common(window_size, sigma, data_range, k1, k2, padding, dtype):
     return radius, center_offset, inv_two_var, c1, c2, padding == "reflect"
 
 
+def _tiling(rows: int, columns: int, planes: int, halo_rows: int, halo_columns: int,
+            tile: Optional[tuple[int, int]]) -> tuple[int, int, int, int]:
+    """(chunk rows, strip width, row chunks, column strips) for `rows` × `columns` outputs per plane.
+    tile = (rows, width) overrides the choice (tests use it to get many tiles on small images)."""
+    if tile is None:
+        width = strip_width(columns, halo_columns)
+        strips = triton.cdiv(columns, width - halo_columns)
+        chunk = chunk_rows(rows, planes * strips, halo_rows)
+    else:
+        chunk, width = tile
+        if chunk < 1 or width < 32 or width & (width - 1) or width <= halo_columns:
+            raise ValueError(f"fastfuse.ssim_map: tile must be (rows >= 1, a power-of-two width >= 32 and > "
+                             f"{halo_columns}), got {tile}")
+        strips = triton.cdiv(columns, width - halo_columns)
+    return chunk, width, triton.cdiv(rows, chunk), strips
+
+
 def ssim_map_forward(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float,
-                     k1: float, k2: float, padding: str, *, block: Optional[int] = None,
+                     k1: float, k2: float, padding: str, *, tile: Optional[tuple[int, int]] = None,
                      mix: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """SSIM map (B, C, H', W') in x's dtype; arguments already checked by fastfuse.ops.ssim.
 
-    block: rows per program (32 or 64; default forward_block). mix = (z, R), z (B, K, H, W) and
-    R (C, K): x is then an uninitialised (B, C, H, W) buffer that the same pass fills with R·z
-    (fp32 accumulation, x's dtype) while taking the SSIM map of it — spectral_response_ssim
-    without writing Y' and reading it back. Needs a non-empty map.
+    tile: (map rows, columns) per program (default: chunk_rows / strip_width). mix = (z, R), z
+    (B, K, H, W) and R (C, K): x is then an uninitialised (B, C, H, W) buffer that the same pass
+    fills with R·z (fp32 accumulation, x's dtype) while taking the SSIM map of it —
+    spectral_response_ssim without writing Y' and reading it back. Needs a non-empty map.
     """
     radius, center_offset, inv_two_var, c1, c2, reflect = _common(window_size, sigma, data_range, k1, k2, padding,
                                                                   x.dtype)
@@ -430,23 +509,21 @@ def ssim_map_forward(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: 
         if mix is not None:
             raise ValueError("fastfuse.ssim_map: the fused spectral mix needs a non-empty SSIM map")
         return out
-    block = _pick_block(block, forward_block(radius, out_h), radius, 2)
-    _check_plane_extent(block, x, y, out, *(mix[:1] if mix is not None else ()))
+    chunk, strip, tiles_h, tiles_w = _tiling(out_h, out_w, batch * channels, 2 * radius, 0, tile)
+    _check_plane_extent(strip + 2 * radius, x, y, out, *(mix[:1] if mix is not None else ()))
     if mix is None:
         mix_args = (x, x, 0, 0, 0, 0, 0, 0, 0)  # unused pointers and strides
     else:
         z, mix_matrix = mix
         mix_args = (z, mix_matrix, z.shape[1], *z.stride(), *mix_matrix.stride())
-    rows = block - 2 * radius
-    tiles_h, tiles_w = triton.cdiv(out_h, rows), triton.cdiv(out_w, FORWARD_WIDTH)
     grid = (batch * channels * tiles_h * tiles_w,)
     _ssim_fwd_kernel[grid](
         x, y, out, channels, height, width, out_h, out_w,
         *x.stride(), *y.stride(), *out.stride(),
-        tiles_h, tiles_w, center_offset, inv_two_var, c1, c2,
+        tiles_h, tiles_w, chunk, center_offset, inv_two_var, c1, c2,
         *mix_args,
-        PH=block, BW=FORWARD_WIDTH, R=radius, WS=window_size, REFLECT=reflect, MIX=mix is not None,
-        BW2=triton.next_power_of_2(FORWARD_WIDTH + 2 * radius), num_warps=_num_warps(block, FORWARD_WIDTH))
+        BW=strip, R=radius, WS=window_size, PAD=_PADDING_CODES[padding], MIX=mix is not None,
+        BW2=triton.next_power_of_2(strip + 2 * radius), num_warps=strip // 32, num_stages=1)
     return out
 
 
@@ -464,10 +541,12 @@ def _fold_padded(padded: torch.Tensor, height: int, width: int, radius: int, dty
 
 def ssim_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float,
                       data_range: float, k1: float, k2: float, padding: str, need_x: bool = True,
-                      need_y: bool = True, *, block: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      need_y: bool = True, *, tile: Optional[tuple[int, int]] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dy) in x's dtype for grad = dL/dmap; an unneeded one comes back as an empty tensor.
 
-    block: rows per program (32 or 64; default backward_block)."""
+    tile: (gradient rows, columns) per program; a strip of W columns yields W − 2·radius gradient
+    columns (default: chunk_rows / strip_width)."""
     radius, center_offset, inv_two_var, c1, c2, reflect = _common(window_size, sigma, data_range, k1, k2, padding,
                                                                   x.dtype)
     batch, channels, height, width = x.shape
@@ -476,24 +555,27 @@ def ssim_map_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, wind
     dy = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_y else x.new_empty(0)
     if x.numel() == 0 or not (need_x or need_y):
         return dx, dy
-    # Gradient domain: the padded coordinates the map reads, out + 2r per axis (the image for "valid").
-    q_h, q_w = out_h + 2 * radius, out_w + 2 * radius
-    block = _pick_block(block, backward_block(radius, q_h), radius, 4)
+    # Gradient domain: the image ("zero", "valid"), or the padded image the map reads ("reflect").
+    q_lo = -radius if reflect else 0
+    q_h, q_w = height - 2 * q_lo, width - 2 * q_lo
+    chunk, strip, tiles_h, tiles_w = _tiling(q_h, q_w, batch * channels, 4 * radius, 2 * radius, tile)
     if reflect:  # the padded image's gradient, folded onto the pixels afterwards
         shape = (batch, channels, q_h, q_w)
         dx = torch.empty(shape, dtype=torch.float32, device=x.device) if need_x else dx
         dy = torch.empty(shape, dtype=torch.float32, device=x.device) if need_y else dy
     like = dx if need_x else dy
-    _check_plane_extent(block, grad, x, y, like)
-    tiles_h = triton.cdiv(q_h, block - 4 * radius)
-    tiles_w = triton.cdiv(q_w, BACKWARD_WIDTH - 2 * radius)
-    grid = (batch * channels * tiles_h * tiles_w,)
-    _ssim_bwd_kernel[grid](
-        grad, x, y, dx if need_x else like, dy if need_y else like, channels, height, width, out_h, out_w, q_h, q_w,
-        *grad.stride(), *x.stride(), *y.stride(), *like.stride(),
-        tiles_h, tiles_w, center_offset, inv_two_var, c1, c2,
-        PH=block, PW=BACKWARD_WIDTH, R=radius, WS=window_size, REFLECT=reflect, NEED_DX=need_x, NEED_DY=need_y,
-        num_warps=_num_warps(block, BACKWARD_WIDTH))
+    _check_plane_extent(strip + 2 * radius, grad, x, y, like)
+    n_tiles = batch * channels * tiles_h * tiles_w
+    programs = min(n_tiles, MAX_PROGRAMS)
+    # Two row slots per program, each with the 2·radius columns past the strip that its last
+    # (discarded) gradient columns read.
+    scratch = torch.empty((programs, 2, strip + 2 * radius, 4), dtype=torch.float32, device=x.device)
+    _ssim_bwd_kernel[(programs,)](
+        grad, x, y, dx if need_x else like, dy if need_y else like, scratch, channels, height, width, out_h, out_w,
+        q_h, q_w, q_lo, *grad.stride(), *x.stride(), *y.stride(), *like.stride(),
+        tiles_h, tiles_w, n_tiles, chunk, center_offset, inv_two_var, c1, c2,
+        BW=strip, R=radius, WS=window_size, PAD=_PADDING_CODES[padding], NEED_DX=need_x, NEED_DY=need_y,
+        num_warps=strip // 32, num_stages=1)
     if reflect:
         dx = _fold_padded(dx, height, width, radius, x.dtype) if need_x else dx
         dy = _fold_padded(dy, height, width, radius, x.dtype) if need_y else dy
