@@ -489,6 +489,30 @@ def roofline_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+# What the compile report compiles: a change to any of these makes the committed full report stale.
+KERNEL_SOURCES = ("fastfuse/triton/*.py", "kernels/*.cuh", "csrc/*.cu", "csrc/*.h")
+
+
+def kernel_sources_digest(root: Optional[str] = None) -> str:
+    """sha256 over the kernel sources (paths and bytes, in sorted order), to tell whether a
+    committed full report was made from the code that is here now."""
+    import glob
+    import hashlib
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for pattern in KERNEL_SOURCES:
+        for path in sorted(glob.glob(os.path.join(root, pattern))):
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", default=os.environ.get("FASTFUSE_COMPILE_FULL") == "1",
@@ -510,7 +534,9 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "cuda_rows": cuda_rows, "failures": failures, "triton_seconds": triton_s,
-                       "seconds": elapsed}, f, indent=1)
+                       "seconds": elapsed, "mode": "full" if args.full else "quick", "only": args.only,
+                       "kernel_sources_sha256": kernel_sources_digest(),
+                       "triton": _triton_version()}, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(text + "\n")
     print(text)
