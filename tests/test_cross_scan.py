@@ -357,19 +357,19 @@ def test_css_kernels_compile_for_gpu_architectures():
             print("SKIP", exc); sys.exit(3)
         import fastfuse.triton.cross_scan as k
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        FP32 = {"proj_ptr", "states_ptr", "out_ptr", "dx_ptr", "dproj_ptr", "dwdt_ptr", "dbias_ptr", "dalog_ptr",
-                "dds_ptr", "wdt_ptr", "bdt_ptr", "alog_ptr", "ds_ptr"}
+        FP32 = {"seq_ptr", "dy_ptr", "proj_ptr", "states_ptr", "out_ptr", "du_ptr", "dproj_ptr", "dwdt_ptr",
+                "dbias_ptr", "dalog_ptr", "dds_ptr", "wdt_ptr", "bdt_ptr", "alog_ptr", "ds_ptr"}
         for cap in (80, 90):
             for N in (1, 16):
                 bd_fwd, bn, bt = k._scan_blocks(192, N, 56 * 56)
                 bd = k._backward_channels(192, bn, bt)
-                fwd = dict(SOFTPLUS=True, BD=bd_fwd, BN=bn, BT=bt, sx_w=1, so_w=1)
+                fwd = dict(SOFTPLUS=True, BD=bd_fwd, BN=bn, BT=bt)
                 runs = [(k._css_forward_kernel, dict(fwd, WRITE_OUT=True, SAVE_STATES=False), bd_fwd,
                          k.SCAN_BLOCK_ELEMENTS),
                         (k._css_forward_kernel, dict(fwd, WRITE_OUT=False, SAVE_STATES=True), bd_fwd,
                          k.SCAN_BLOCK_ELEMENTS),
-                        (k._css_backward_kernel, dict(SOFTPLUS=True, BD=bd, BN=bn, BT=bt, BR=8, sx_w=1, sg_w=1,
-                                                      sdx_w=1), bd, k.BACKWARD_BLOCK_ELEMENTS)]
+                        (k._css_backward_kernel, dict(SOFTPLUS=True, BD=bd, BN=bn, BT=bt, BR=8), bd,
+                         k.BACKWARD_BLOCK_ELEMENTS)]
                 for fn, const, channels, budget in runs:
                     sig = {a: "constexpr" if a in const else (("*fp32" if a in FP32 else "*bf16")
                                                               if a.endswith("_ptr") else "i32") for a in fn.arg_names}
@@ -515,3 +515,234 @@ def test_gpu_css_real_shapes(dtype, shape):
                           [x] + weights, ref_inputs):
         if t is not None:
             assert_close_scaled(t.grad, r.grad, dtype, rtol_scale=5, atol_scale=10, name=f"d {name}")
+
+
+# ------------------------------------------- VMamba's cross-scan options (scans, one_by_one, layouts)
+def option_orders(H: int, W: int, scans: int) -> list[list[tuple[int, int]]]:
+    """csm_triton's scans: 0 cross (scan_orders), 1 unidirectional, 2 bidirectional — by hand."""
+    cross = scan_orders(H, W)
+    rows = cross[0]
+    return {0: cross, 1: [rows] * 4, 2: [rows, rows, rows[::-1], rows[::-1]]}[scans]
+
+
+def naive_scan_options(images: torch.Tensor, scans: int) -> torch.Tensor:
+    """images (B, 4, C, H, W), one image per direction -> (B, 4, C, L) in float64."""
+    B, K, C, H, W = images.shape
+    out = torch.zeros(B, K, C, H * W, dtype=torch.float64)
+    for k, order in enumerate(option_orders(H, W, scans)):
+        for t, (h, w) in enumerate(order):
+            out[:, k, :, t] = images[:, k, :, h, w].double()
+    return out
+
+
+def naive_merge_options(ys: torch.Tensor, scans: int) -> torch.Tensor:
+    """ys (B, 4, C, H, W) -> per direction back in pixel order, (B, 4, C, H·W), not yet summed."""
+    B, K, C, H, W = ys.shape
+    seq = ys.reshape(B, K, C, H * W).double()
+    out = torch.zeros(B, K, C, H, W, dtype=torch.float64)
+    for k, order in enumerate(option_orders(H, W, scans)):
+        for t, (h, w) in enumerate(order):
+            out[:, k, :, h, w] += seq[:, k, :, t]
+    return out.reshape(B, K, C, H * W)
+
+
+OPTION_CASES = [(s, o, cl, scl) for s in (0, 1, 2) for o in (False, True) for cl in (False, True)
+                for scl in (False, True)]
+
+
+def to_option_layouts(images, ys, one_by_one, channel_last, seq_channel_last):
+    """Channel-first (B, 4, C, H, W) tensors in the layouts the options name."""
+    x = images if one_by_one else images[:, 0]
+    if channel_last:
+        x = x.permute(0, 3, 4, 1, 2) if one_by_one else x.permute(0, 2, 3, 1)
+    ys = ys.permute(0, 3, 4, 1, 2) if seq_channel_last else ys
+    return x.contiguous(), ys.contiguous()
+
+
+@pytest.mark.parametrize("scans,one_by_one,channel_last,seq_channel_last", OPTION_CASES)
+@pytest.mark.parametrize("device,backend", all_backends("cross_scan"))
+def test_scan_merge_options_match_naive_float64(scans, one_by_one, channel_last, seq_channel_last, device,
+                                                backend):
+    B, C, H, W = 2, 3, 3, 5
+    g = torch.Generator().manual_seed(21)
+    images = torch.randn(B, 4, C, H, W, generator=g, dtype=torch.float64)
+    if not one_by_one:
+        images = images[:, :1].expand(B, 4, C, H, W)  # one image, scanned four times
+    ys = torch.randn(B, 4, C, H, W, generator=g, dtype=torch.float64)
+    x, ys_in = to_option_layouts(images, ys, one_by_one, channel_last, seq_channel_last)
+    opts = dict(channel_last=channel_last, scans=scans, one_by_one=one_by_one, seq_channel_last=seq_channel_last,
+                backend=backend)
+    got = fastfuse.cross_scan(x.to(device), **opts).cpu()
+    expected = naive_scan_options(images, scans)  # (B, 4, C, L)
+    assert got.shape == ((B, H * W, 4, C) if seq_channel_last else (B, 4, C, H * W)) and got.is_contiguous()
+    assert torch.equal(got.permute(0, 2, 3, 1) if seq_channel_last else got, expected)
+
+    merged = fastfuse.cross_merge(ys_in.to(device), **opts).cpu()
+    per_direction = naive_merge_options(ys, scans)
+    expected = per_direction if one_by_one else per_direction.sum(1)  # (B, [4,] C, L)
+    if channel_last:
+        expected = expected.movedim(-1, 1)  # (B, L, [4,] C)
+    assert merged.shape == expected.shape and merged.is_contiguous()
+    torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scans,one_by_one,channel_last,seq_channel_last",
+                         [(1, False, False, False), (2, True, True, False), (0, True, False, True),
+                          (0, False, True, True), (2, False, False, True)])
+def test_scan_merge_options_gradcheck_and_adjoint(scans, one_by_one, channel_last, seq_channel_last):
+    g = torch.Generator().manual_seed(22)
+    B, C, H, W = 1, 2, 3, 2
+    image_shape = (B, 4, C, H, W) if one_by_one else (B, C, H, W)
+    x = torch.randn(image_shape, generator=g, dtype=torch.float64)
+    if channel_last:
+        x = x.permute(0, 3, 4, 1, 2) if one_by_one else x.permute(0, 2, 3, 1)
+    ys = torch.randn((B, H, W, 4, C) if seq_channel_last else (B, 4, C, H, W), generator=g, dtype=torch.float64)
+    opts = dict(channel_last=channel_last, scans=scans, one_by_one=one_by_one, seq_channel_last=seq_channel_last)
+    scanned, merged = fastfuse.cross_scan(x, **opts), fastfuse.cross_merge(ys, **opts)
+    # Each merge is the adjoint of the scan with the same options: <scan(x), ys> = <x, merge(ys)>.
+    torch.testing.assert_close((scanned.flatten() * ys.flatten()).sum(), (x.flatten() * merged.flatten()).sum(),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: fastfuse.cross_scan(t, **opts), (x.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda t: fastfuse.cross_merge(t, **opts), (ys.clone().requires_grad_(),))
+    assert torch.autograd.gradgradcheck(lambda t: fastfuse.cross_merge(t, **opts), (ys.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scans,one_by_one", [(0, False), (1, False), (2, True)])
+@pytest.mark.parametrize("device,backend", all_backends("cross_scan"))
+def test_scan_merge_options_dtypes_non_contiguous(dtype, scans, one_by_one, device, backend):
+    g = torch.Generator().manual_seed(23)
+    B, C, H, W = 1, 3, 4, 3
+    images = torch.randn(B, 4, C, H, W, generator=g).to(dtype)
+    x = non_contiguous(images if one_by_one else images[:, 0]).to(device)
+    ys = non_contiguous(torch.randn(B, H, W, 4, C, generator=g).to(dtype)).to(device)
+    opts = dict(scans=scans, one_by_one=one_by_one, seq_channel_last=True, backend=backend)
+    got = fastfuse.cross_scan(x, **opts)
+    assert got.dtype == dtype
+    expected = naive_scan_options(images if one_by_one else images[:, :1].expand(B, 4, C, H, W), scans)
+    assert torch.equal(got.cpu().double().permute(0, 2, 3, 1), expected)  # a copy: exact in every dtype
+    merged = fastfuse.cross_merge(ys, **opts)
+    assert merged.dtype == dtype
+    per_direction = naive_merge_options(ys.cpu().permute(0, 3, 4, 1, 2), scans)
+    expected = per_direction if one_by_one else per_direction.sum(1)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(merged.cpu().double(), expected, rtol=rtol, atol=atol)
+
+
+def test_scan_merge_options_refused():
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"scans must be one of 0 = cross .*1 = unidirectional, 2 = bidirectional"):
+        fastfuse.cross_scan(x, scans=3)
+    with pytest.raises(ValueError, match="scans must be one of"):
+        fastfuse.cross_merge(torch.randn(1, 4, 2, 3, 3), scans=True)
+    with pytest.raises(TypeError, match="one_by_one must be a bool"):
+        fastfuse.cross_scan(x, one_by_one=1)
+    with pytest.raises(TypeError, match="seq_channel_last must be a bool"):
+        fastfuse.cross_merge(torch.randn(1, 4, 2, 3, 3), seq_channel_last="yes")
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 4, C, H, W\) with 4 scan directions in dim 1"):
+        fastfuse.cross_scan(torch.randn(1, 3, 2, 3, 3), one_by_one=True)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, H, W, 4, C\) with 4 scan directions in dim 3"):
+        fastfuse.cross_scan(torch.randn(1, 3, 3, 2, 2), one_by_one=True, channel_last=True)
+    with pytest.raises(ValueError, match=r"ys must have shape \(B, H, W, 4, C\) with 4 scan directions in dim 3"):
+        fastfuse.cross_merge(torch.randn(1, 4, 2, 3, 3), seq_channel_last=True)
+    with pytest.raises(ValueError, match="backend"):
+        fastfuse.cross_scan(x, scans=1, backend="bogus")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_css_out_dtype_oflex(dtype):
+    # VMamba's oflex selective scan: fp32 out for half inputs, the input dtype otherwise.
+    params = css_params(1, 3, 2, 3, 2, 1, dtype=dtype)
+    oflex = fastfuse.cross_selective_scan(*params, out_dtype="oflex", backend="torch")
+    assert oflex.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    explicit = fastfuse.cross_selective_scan(*params, out_dtype=oflex.dtype, backend="torch")
+    assert torch.equal(oflex, explicit)
+    with pytest.raises(TypeError, match="out_dtype must be None, 'oflex' or one of"):
+        fastfuse.cross_selective_scan(*params, out_dtype="fp32", backend="torch")
+
+
+# The cpu backend's fused kernel (csrc/cpu/cross_scan.cpp): 16-channel lane blocks, 32-step chunks
+# and up to 8 parts of blocks for the dB/dC sums. Shapes: H = 1 over two chunks with D past one
+# block; W = 1 with N = 16; D = 147 (10 blocks, 5 parts of 2); B = 3, H != W, odd, over two chunks;
+# one pixel with N = 16.
+CPU_CSS_SHAPES = [(1, 17, 1, 37, 1, 2), (2, 33, 5, 1, 16, 3), (1, 147, 3, 11, 1, 6), (3, 5, 7, 9, 16, 2),
+                  (1, 1, 1, 1, 16, 1)]
+
+
+@pytest.mark.parametrize("shape", CPU_CSS_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_css_cpu_fused_kernel_all_gradients(shape, dtype, channel_last):
+    B, D, H, W, N, R = shape
+    params = css_params(B, D, H, W, N, R, bias=(B + N) % 2 == 0, seed=21)
+    x = params[0].to(dtype)
+    x = non_contiguous(x.permute(0, 2, 3, 1) if channel_last else x)  # (B, H, W, D) view with channel_last
+    weights = [None if p is None else p.float() for p in params[1:]]
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    out, got = css_grads([x] + weights, grad.to(dtype), backend="cpu", channel_last=channel_last)
+    ref, expected = css_grads([x.double()] + [None if w is None else w.double() for w in weights],
+                              grad.to(dtype).double(), backend="torch", channel_last=channel_last)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_scaled(out, ref, dtype, name="out")
+    for name, g, e in zip(CSS_GRAD_NAMES, got, expected):
+        if e is None:
+            assert g is None, name
+            continue
+        assert g.shape == e.shape, name
+        if name == "x":  # rounded to x's dtype once
+            assert g.dtype == dtype
+            assert_close_scaled(g, e, dtype, name="d x")
+        else:  # fp32 weights, fp32 arithmetic: tight
+            assert g.dtype == torch.float32, name
+            scale = max(e.abs().max().item(), 1.0)
+            torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"d {name}: {m}")
+
+
+def test_css_cpu_fused_kernel_deterministic_across_thread_counts():
+    # The directions are summed in a fixed order and dB/dC over parts fixed by the shape, so what
+    # the kernel alone computes is bitwise identical whatever the thread count (dx and
+    # d x_proj_weight also pass through torch GEMMs, whose blocking may follow the thread count).
+    params = [None if p is None else p.float() for p in css_params(2, 40, 6, 7, 16, 3, seed=23)]
+    grad = torch.randn(params[0].shape, generator=torch.Generator().manual_seed(24))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3, 3):
+            torch.set_num_threads(n)
+            out, grads = css_grads(params, grad, backend="cpu")
+            results.append([out] + grads)
+    finally:
+        torch.set_num_threads(threads)
+    kernel_only = {"out", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds"}
+    for name, one, three, again in zip(["out"] + CSS_GRAD_NAMES, *results):
+        assert torch.equal(three, again), name  # rerun at the same thread count: every result
+        if name in kernel_only:
+            assert torch.equal(one, three), name
+
+
+@pytest.mark.parametrize("target_programs", [4, 10 ** 6])
+@pytest.mark.parametrize("N", [1, 16])
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("cross_selective_scan")
+                                            if p.values[1] == "triton"])
+def test_css_triton_channel_groups_all_gradients(target_programs, N, device, backend, monkeypatch):
+    # Few target programs: one channel group per (batch, direction) walking all the channel blocks
+    # (each adds into the group's rows of the projection gradients after the one before); many:
+    # one block per group, the groups' partials summed afterwards. Every gradient against the
+    # float64 reference, and bitwise reproducible (no atomics).
+    import fastfuse.triton.cross_scan as kernels
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target_programs)
+    B, D, H, W, R = 1, 20, 2, 3, 2
+    params = [None if p is None else p.float() for p in css_params(B, D, H, W, N, R, seed=25)]
+    bd = kernels._backward_channels(D, kernels._pow2(N), kernels._scan_blocks(D, N, H * W)[2])
+    groups, per_group = kernels._channel_groups(B, -(-D // bd))
+    assert (groups == 1) == (target_programs == 4) and groups * per_group * bd >= D
+    grad = torch.randn(params[0].shape, generator=torch.Generator().manual_seed(26))
+    out, got = css_grads([p.to(device) for p in params], grad.to(device), backend=backend)
+    again, got_again = css_grads([p.to(device) for p in params], grad.to(device), backend=backend)
+    ref, expected = css_grads([p.double() for p in params], grad.double(), backend="torch")
+    assert torch.equal(out, again)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    for name, g, g2, e in zip(CSS_GRAD_NAMES, got, got_again, expected):
+        assert torch.equal(g, g2), name
+        scale = max(e.abs().max().item(), 1.0)
+        torch.testing.assert_close(g.double().cpu(), e, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"d {name}: {m}")

@@ -4,12 +4,13 @@ cross_scan and cross_merge are single passes over the image in C++ (each pixel r
 four sequence positions written, or summed); cross_scan copies element bits, so every dtype is
 handled in place; cross_merge sums in fp32 (float64 for float64).
 
-cross_selective_scan is composed from the cpu kernels: cross_scan of x, the per-direction x and dt
-projections as batched matmuls, the C++ selective scan over the 4·D rows (B and C read in place
-from the projection, strided), cross_merge. Its backward differentiates that composition, so it
-runs the C++ scan backward and the matmuls' adjoints. Unlike the Triton kernel it materialises the
-(B, 4, D, L) scanned copies, deltas and outputs (fp32) for the duration of the call. float64 goes
-to the reference, as in the Triton backend.
+cross_selective_scan is one fused C++ pass per (batch, 16-channel block): the x projection of every
+pixel for all four directions is one GEMM in pixel order; the kernel then reads x, that projection
+and the output gradient in each direction's order through a pixel table (no scanned copies), forms
+delta from the dt projection inside the scan, and sums the four directions into the merged result
+in a fixed order (deterministic, no (B, 4, D, L) output). The backward is fused the same way; the
+x projection's gradients are GEMMs on the per-pixel gradients the kernel returns. fp16/bf16 are
+computed in fp32; float64 goes to the reference, as in the Triton backend.
 """
 from __future__ import annotations
 
@@ -59,54 +60,102 @@ def cross_merge_forward(ys: torch.Tensor, channel_last: bool) -> torch.Tensor:
     return out.to(ys.dtype)
 
 
-def _composed(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds, delta_softplus: bool,
-              out_dtype: Optional[torch.dtype], channel_last: bool) -> torch.Tensor:
-    """The reference's composition (fastfuse.reference.cross_scan) on the cpu kernels, in fp32."""
-    from fastfuse.ops.cross_scan import cross_merge, cross_scan
-    from fastfuse.ops.selective_scan import selective_scan
+class _Problem:
+    """What the fused kernels read, all fp32 and in pixel order (no scanned copy of x):
 
-    dtype = compute_dtype(x.dtype)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    K, D, R = dt_projs_weight.shape
-    N = A_logs.shape[1]
-    xs = cross_scan(x.to(dtype), channel_last=channel_last, backend="cpu")  # (B, K, D, L)
-    B, _, _, L = xs.shape
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight.to(dtype))
-    if x_proj_bias is not None:
-        x_dbl = x_dbl + x_proj_bias.to(dtype).view(1, K, -1, 1)
-    dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)  # B and C are read strided, not copied
-    deltas = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight.to(dtype))
-    ys = selective_scan(xs.reshape(B, K * D, L), deltas.reshape(B, K * D, L), -torch.exp(A_logs.to(dtype)), Bs, Cs,
-                        Ds.to(dtype), delta_bias=dt_projs_bias.to(dtype).reshape(K * D),
-                        delta_softplus=delta_softplus, backend="cpu")
-    image_hw = (x.shape[1], x.shape[2]) if channel_last else (x.shape[2], x.shape[3])
-    y = cross_merge(ys.view(B, K, D, *image_hw), channel_last=channel_last, backend="cpu")
-    return y.reshape(x.shape).to(out_dtype)
+    pixels (B, D, L), a view of x where its (H, W) flatten (channel-last included: the kernels take
+    strides); proj (B, 4, R+2N, L), the four directions' x projections of every pixel, one GEMM.
+    The dt projection (R multiply-adds per step) is formed inside the scan, so no (B, 4, D, L) delta
+    map exists. A = -exp(A_logs).
+    """
+
+    def __init__(self, x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                 delta_softplus: bool, channel_last: bool):
+        image = x.permute(0, 3, 1, 2) if channel_last else x
+        B, D, H, W = image.shape
+        K, _, R = dt_projs_weight.shape
+        N = A_logs.shape[1]
+        f32 = torch.float32
+        self.pixels = image.reshape(B, D, H * W).to(f32)
+        self.w_x = x_proj_weight.reshape(K * (R + 2 * N), D).to(f32)
+        proj = torch.matmul(self.w_x, self.pixels)
+        if x_proj_bias is not None:
+            proj += x_proj_bias.reshape(-1, 1).to(f32)
+        self.proj = proj.view(B, K, R + 2 * N, H * W)
+        self.w_dt = dt_projs_weight.to(f32).contiguous()
+        self.A = -torch.exp(A_logs.to(f32)).contiguous()
+        self.Ds = Ds.to(f32).contiguous()
+        self.bias = dt_projs_bias.to(f32).reshape(K * D).contiguous()
+        self.sizes = [B, D, H, W, R, N]
+        self.softplus = bool(delta_softplus)
+
+    def arguments(self):
+        """(sizes, pointers, pixel strides, softplus) in the C++ calling convention."""
+        ptrs = [t.data_ptr() for t in (self.pixels, self.proj, self.w_dt, self.A, self.Ds, self.bias)]
+        return self.sizes, ptrs, list(self.pixels.stride()), self.softplus
+
+
+def _sequence_view(t: torch.Tensor, channel_last: bool) -> torch.Tensor:
+    """A (B, D, H, W) [or (B, H, W, D)] tensor as (B, D, L), a view when its (H, W) flatten."""
+    image = t.permute(0, 3, 1, 2) if channel_last else t
+    return image.reshape(image.shape[0], image.shape[1], -1)
 
 
 def cross_selective_scan_forward(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                  delta_softplus: bool, out_dtype: Optional[torch.dtype], channel_last: bool):
     """Same arguments and result as fastfuse.reference.cross_scan.cross_selective_scan."""
-    args = (x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds, delta_softplus, out_dtype,
-            channel_last)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if x.dtype == torch.float64 or x.numel() == 0:
         from fastfuse.reference.cross_scan import cross_selective_scan
-        return cross_selective_scan(*args)
+        return cross_selective_scan(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                                    delta_softplus, out_dtype, channel_last)
     with torch.no_grad():
-        return _composed(*args)
+        problem = _Problem(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                           delta_softplus, channel_last)
+        out = torch.empty(x.shape, dtype=torch.float32)  # x's layout, contiguous
+        out_seq = _sequence_view(out, channel_last)
+        _kernels.css_forward(*problem.arguments(), out.data_ptr(), list(out_seq.stride()), torch.get_num_threads())
+    return out.to(out_dtype)
 
 
 def cross_selective_scan_backward(grad, x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                   delta_softplus: bool, out_dtype: Optional[torch.dtype], channel_last: bool):
-    """Gradients of the seven tensor inputs (an empty tensor for an absent x_proj_bias)."""
-    from fastfuse.ops._autograd import reference_vjp
+    """Gradients of the seven tensor inputs (an empty tensor for an absent x_proj_bias).
 
+    The fused kernel gives du merged over the directions, the gradient of every pixel's x projection
+    (d dt, dB, dC, summed over the channels) and per-batch dA, dD, d bias, d dt_projs_weight; the
+    x projection's own gradients are GEMMs on them.
+    """
     inputs = (x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds)
-    forward = _composed
     if x.dtype == torch.float64 or x.numel() == 0:
-        from fastfuse.reference.cross_scan import cross_selective_scan as forward
-    return reference_vjp(forward, inputs, (grad,), delta_softplus=delta_softplus, out_dtype=out_dtype,
-                         channel_last=channel_last)
+        from fastfuse.ops._autograd import reference_vjp
+        from fastfuse.reference.cross_scan import cross_selective_scan
+        return reference_vjp(cross_selective_scan, inputs, (grad,), delta_softplus=delta_softplus,
+                             out_dtype=out_dtype, channel_last=channel_last)
+    with torch.no_grad():
+        problem = _Problem(*inputs, delta_softplus, channel_last)
+        B, D, H, W, R, N = problem.sizes
+        K, L, f32 = 4, H * W, torch.float32
+        dy = _sequence_view(grad.to(f32), channel_last)
+        dx = torch.empty((B, D, L), dtype=f32)
+        d_proj = torch.empty((B, K, R + 2 * N, L), dtype=f32)
+        d_w_dt = torch.empty((B, K * D, R), dtype=f32)  # per-batch partials, summed below
+        d_A = torch.empty((B, K * D, N), dtype=f32)  # per-batch partials, summed below
+        d_skip = torch.empty((B, K * D), dtype=f32)
+        d_bias = torch.empty((B, K * D), dtype=f32)
+        grads = [t.data_ptr() for t in (dx, d_proj, d_w_dt, d_A, d_skip, d_bias)]
+        _kernels.css_backward(*problem.arguments(), dy.data_ptr(), list(dy.stride()), grads, torch.get_num_threads())
+
+        d_proj_rows = d_proj.view(B, K * (R + 2 * N), L)
+        dx.baddbmm_(problem.w_x.t().expand(B, -1, -1), d_proj_rows)
+        d_w_x = torch.einsum("bcl,bdl->cd", d_proj_rows, problem.pixels)
+        image_shape = (B, H, W, D) if channel_last else (B, D, H, W)
+        dx = dx.view(B, D, H, W).permute(0, 2, 3, 1) if channel_last else dx.view(image_shape)
+        return [dx.to(x.dtype).contiguous(), d_w_x.reshape(x_proj_weight.shape).to(x_proj_weight.dtype),
+                torch.empty(0) if x_proj_bias is None
+                else d_proj_rows.sum(dim=(0, 2)).reshape(x_proj_bias.shape).to(x_proj_bias.dtype),
+                d_w_dt.sum(0).reshape(dt_projs_weight.shape).to(dt_projs_weight.dtype), d_bias.sum(0).reshape(dt_projs_bias.shape).to(dt_projs_bias.dtype),
+                (d_A.sum(0) * problem.A).to(A_logs.dtype), d_skip.sum(0).to(Ds.dtype)]
 
 
 __all__ = ["cross_scan_forward", "cross_merge_forward", "cross_selective_scan_forward",

@@ -2,10 +2,11 @@
 (forward and backward).
 
 Scan orders (see fastfuse/reference/cross_scan.py): k=0 row-major, k=1 column-major, k=2 / k=3 their
-reverses. All kernels take the image through its four strides, so channel-first, channel-last and
-non-contiguous images are one code path; Triton specialises stride 1, so the contiguous dimension
+reverses. cross_scan and cross_merge take the image through its four strides, so channel-first,
+channel-last and non-contiguous images are one code path; Triton specialises stride 1, so the contiguous dimension
 is known at compile time and accesses along it are coalesced (and vectorised when the sizes are
-multiples of 16, which Triton's specialisation also detects).
+multiples of 16, which Triton's specialisation also detects). The fused cross_selective_scan kernels
+read contiguous fp32 copies of the image in its two orders instead (see below).
 
 Offsets are int64 throughout: a strided view can span far more memory than its element count,
 and the extra integer work is free in kernels bound by memory traffic.
@@ -161,20 +162,30 @@ def cross_merge_forward(ys: torch.Tensor, channel_last: bool) -> torch.Tensor:
 
 # ------------------------------------------------------------------ fused cross selective scan
 #
-# What is fused: the four scan orders are read straight from x by index arithmetic, delta is formed
-# per step from the R-dimensional dt projection (delta = dt_projs_weight[k] @ dt + bias, softplus)
-# inside the scan, and each direction's output is added into the merged (B, D, H, W) result at
-# its pixel. Never materialised: the 4 scanned copies of x, the 4·D delta maps, the 4 per-
-# direction outputs. Not fused: the x projection (R + 2N values per pixel and direction, small
-# next to D), computed once per pixel by one matmul in pixel order, which the scan gathers from.
+# What is fused: delta is formed per step from the R-dimensional dt projection (delta =
+# dt_projs_weight[k] @ dt + bias, softplus) inside the scan. Not fused: the x projection (R + 2N
+# values per pixel and direction, small next to D), one GEMM.
 #
-# The backward is fused the same way (see _css_backward_kernel): x and the output gradient are read
-# in scan order, delta is recomputed per chunk, and dx is merged over the directions by atomics.
-# Its buffers: the projections again and their per-pixel gradients, (B, 4·(R+2N), L) each, the
-# chunk-start states (B, 4, D, ceil(L/BT), N), dx (B, D, L), all fp32, and per-batch partials of
-# the parameter gradients.
+# Memory order. Every direction reads along unit stride: x is kept twice, row-major and
+# column-major ((2, B, D, L), one transposed copy instead of the four scanned ones), the x
+# projection of direction k is computed from the copy in its order, and position s of the
+# unreversed order is address s (the reversed directions walk the same rows downwards).
+#
+# No atomics. The forward program of (b, channels, k) stores its outputs at their positions in
+# its own direction's buffer (4, B, D, L); the directions are then merged in the reference's
+# order, (k0 + k2) + (k1 + k3), by one elementwise pass that also undoes the column order. The
+# backward does the same with du. Its sums over channels (d dt, dB, dC per pixel) are owned by
+# one program per (b, channel group, k), which walks the group's channel blocks one after the
+# other and adds each block's chunk into its rows (a read-modify-write by its own threads); the
+# groups' partials are summed in a fixed order afterwards. Sums over time (dA, dD, d bias,
+# d dt_projs_weight) stay in registers and are stored once per (batch, channel).
+#
+# The backward's buffers: the two copies of x and of the output gradient, the projections,
+# the chunk-start states (B, 4, D, ceil(L/BT), N), du per direction (4, B, D, L) and the group
+# partials of the projection gradients (groups, B, 4·(R+2N), L), all fp32.
 SCAN_BLOCK_ELEMENTS = 4096  # channels × states × steps per program: bounds registers per thread
 BACKWARD_BLOCK_ELEMENTS = 1024  # the backward holds many more (BD, BN, BT) tiles: see _backward_channels
+TARGET_PROGRAMS = 1024  # backward programs to aim for: ~8 per SM on a 132-SM GPU
 
 
 @triton.jit
@@ -194,13 +205,15 @@ def _softplus(v):
 
 
 @triton.jit
-def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out_ptr, states_ptr,
-                        D, H, W, R, N, sx_b, sx_d, sx_h, sx_w, so_b, so_d, so_h, so_w,
+def _css_forward_kernel(seq_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out_ptr, states_ptr,
+                        B, D, L, R, N,
                         SOFTPLUS: tl.constexpr, WRITE_OUT: tl.constexpr, SAVE_STATES: tl.constexpr,
                         BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr):
     # One program: batch b, channels d of one block, direction k, the whole sequence in chunks
     # of BT steps. Inside a chunk the recurrence is an associative scan over (decay, input)
     # pairs; the state is carried between chunks in registers, in fp32.
+    # seq (2, B, D, L): x row-major and column-major; proj (B, 4, R+2N, L) in each direction's
+    # order; out (4, B, D, L): direction k's outputs at their unreversed positions.
     # SAVE_STATES: store the state at the start of every chunk into states (B, 4, D, n_chunks, N)
     # fp32, what the fused backward restarts each chunk from (the backward runs this kernel
     # with WRITE_OUT=False, so its state pass costs no output traffic).
@@ -208,7 +221,7 @@ def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out
     one = tl.full([], 1, tl.int64)
     blocks_d = tl.cdiv(D, BD)
     b = (pid_bd // blocks_d).to(tl.int64)
-    L = one * H * W
+    L = one * L
     d = (pid_bd % blocks_d) * BD + tl.arange(0, BD)
     n = tl.arange(0, BN)
     mask_d, mask_n = d < D, n < N
@@ -219,37 +232,35 @@ def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out
     dt_bias = tl.load(bdt_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
     skip = tl.load(ds_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
 
-    x_base = x_ptr + b * sx_b + d.to(tl.int64)[:, None] * sx_d
-    out_base = out_ptr + b * so_b + d.to(tl.int64)[:, None] * so_d
+    rows = ((k % 2) * B + b) * D + d.to(tl.int64)  # this direction's copy of x
+    x_base = seq_ptr + rows[:, None] * L
+    out_base = out_ptr + ((k * B + b) * D + d.to(tl.int64))[:, None] * L
     proj = proj_ptr + (b * 4 + k) * (R + 2 * N) * L  # this (batch, direction)'s (R + 2N, L) rows
-    reverse, column = k >= 2, (k % 2) == 1
+    reverse = k >= 2
     last_step = tl.arange(0, BT)[None, None, :] == BT - 1
 
     n_chunks = tl.cdiv(L, BT)
     state_rows = states_ptr + ((b * 4 + k) * D + d.to(tl.int64))[:, None] * n_chunks * N + n[None, :]
     state = tl.zeros((BD, BN), dtype=tl.float32)
-    for t0 in range(0, L, BT):
+    for chunk in range(0, n_chunks):
         if SAVE_STATES:
-            tl.store(state_rows + (t0 // BT) * N, state, mask=mask_d[:, None] & mask_n[None, :])
-        t = t0 + tl.arange(0, BT).to(tl.int64)
+            tl.store(state_rows + chunk * N, state, mask=mask_d[:, None] & mask_n[None, :])
+        t = chunk * BT + tl.arange(0, BT).to(tl.int64)
         mask_t = t < L
-        s = tl.where(reverse, L - 1 - t, t)  # position along the unreversed order
-        h = tl.where(column, s % H, s // W)
-        w = tl.where(column, s // H, s % W)
-        pixel = h * W + w
+        s = tl.where(reverse, L - 1 - t, t)  # position along the unreversed order: the address
         mask_dt = mask_d[:, None] & mask_t[None, :]
 
-        u = tl.load(x_base + h[None, :] * sx_h + w[None, :] * sx_w, mask=mask_dt, other=0.0).to(tl.float32)
+        u = tl.load(x_base + s[None, :], mask=mask_dt, other=0.0)
         mask_nt = mask_n[:, None] & mask_t[None, :]
-        b_t = tl.load(proj + (R + n)[:, None] * L + pixel[None, :], mask=mask_nt, other=0.0)
-        c_t = tl.load(proj + (R + N + n)[:, None] * L + pixel[None, :], mask=mask_nt, other=0.0)
+        b_t = tl.load(proj + (R + n)[:, None] * L + s[None, :], mask=mask_nt, other=0.0)
+        c_t = tl.load(proj + (R + N + n)[:, None] * L + s[None, :], mask=mask_nt, other=0.0)
 
         # delta = dt_projs_weight[k] @ dt + bias, one rank at a time: a (BD, R, BT) product would
         # cost R times the registers; the weight column reloads hit L1.
         delta = tl.zeros((BD, BT), dtype=tl.float32) + dt_bias[:, None]
         for j in range(R):
             w_j = tl.load(wdt_ptr + kd * R + j, mask=mask_d, other=0.0).to(tl.float32)
-            dt_j = tl.load(proj + j * L + pixel, mask=mask_t, other=0.0)
+            dt_j = tl.load(proj + j * L + s, mask=mask_t, other=0.0)
             delta += w_j[:, None] * dt_j[None, :]
         if SOFTPLUS:
             delta = _softplus(delta)
@@ -263,137 +274,144 @@ def _css_forward_kernel(x_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, out
         state = tl.sum(tl.where(last_step, states, 0.0), axis=2)
         if WRITE_OUT:
             y = tl.sum(states * c_t[None, :, :], axis=1) + skip[:, None] * u
-            # The four directions of a pixel come from four programs: fp32 atomics merge them.
-            tl.atomic_add(out_base + h[None, :] * so_h + w[None, :] * so_w, y, mask=mask_dt, sem="relaxed")
+            tl.store(out_base + s[None, :], y, mask=mask_dt)  # this program's own positions
 
 
 @triton.jit
-def _css_backward_kernel(x_ptr, dy_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, states_ptr,
-                         dx_ptr, dproj_ptr, dwdt_ptr, dbias_ptr, dalog_ptr, dds_ptr,
-                         D, H, W, R, N, sx_b, sx_d, sx_h, sx_w, sg_b, sg_d, sg_h, sg_w,
-                         sdx_b, sdx_d, sdx_h, sdx_w,
+def _css_backward_kernel(seq_ptr, dy_ptr, proj_ptr, wdt_ptr, bdt_ptr, alog_ptr, ds_ptr, states_ptr,
+                         du_ptr, dproj_ptr, dwdt_ptr, dbias_ptr, dalog_ptr, dds_ptr,
+                         B, D, L, R, N, GROUPS, BLOCKS_PER_GROUP,
                          SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
                          BR: tl.constexpr):
-    # One program: batch b, channels d of one block, direction k; walks the chunks last to first.
-    # Per chunk it re-runs the forward from the saved chunk-start state (an associative scan, in
-    # registers) and runs the adjoint recurrence backwards (a reverse associative scan):
+    # One program: batch b, one group of BLOCKS_PER_GROUP channel blocks of BD, direction k; per
+    # block it walks the chunks last to first. Per chunk it re-runs the forward from the saved
+    # chunk-start state (an associative scan, in registers) and runs the adjoint recurrence
+    # backwards (a reverse associative scan):
     #   g_t = dy_t·C_t + a_{t+1}·g_{t+1}        (g: gradient of the state h_t, a_t = exp(δ_t A))
     #   dB_t = Σ_d g_t δ_t u_t,  dC_t = Σ_d dy_t h_t,  du_t = δ_t Σ_n g_t B_t + D·dy_t,
     #   dδ_t = u_t Σ_n g_t B_t + Σ_n g_t a_t h_{t-1} A,  dA = Σ_t g_t a_t h_{t-1} δ_t,
     # with a_t h_{t-1} = h_t − δ_t B_t u_t, so the previous state needs no shifted copy.
-    # Channel reductions (dB, dC, d dt) add into the per-pixel (B, 4·(R+2N), L) buffer and du into
-    # the merged dx with fp32 atomics; sums over time (dA, dD, d bias, d dt_projs_weight) stay in
-    # registers and are stored once, per batch (summed over the batch afterwards: deterministic).
-    pid_bd, k = tl.program_id(0), tl.program_id(1)
+    # du goes to direction k's own (4, B, D, L) buffer; the channel sums (d dt, dB, dC) are added
+    # into the group's own (R+2N, L) rows of dproj (groups, B, 4, R+2N, L), block after block.
+    # Sums over time stay in registers and are stored once per (batch, channel).
+    pid, k = tl.program_id(0), tl.program_id(1)
     one = tl.full([], 1, tl.int64)
-    blocks_d = tl.cdiv(D, BD)
-    b = (pid_bd // blocks_d).to(tl.int64)
-    L = one * H * W
-    d = (pid_bd % blocks_d) * BD + tl.arange(0, BD)
+    b = (pid // GROUPS).to(tl.int64)
+    group = pid % GROUPS
+    L = one * L
     n = tl.arange(0, BN)
     r = tl.arange(0, BR)
-    mask_d, mask_n = d < D, n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    kd = k * D + d
-    kd64 = kd.to(tl.int64)
-
-    a_log = tl.load(alog_ptr + kd[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    A = -tl.exp(a_log)
-    a2 = A * 1.4426950408889634  # exp(δA) = exp2(δ·a2)
-    dt_bias = tl.load(bdt_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
-    skip = tl.load(ds_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
-
-    x_base = x_ptr + b * sx_b + d.to(tl.int64)[:, None] * sx_d
-    dy_base = dy_ptr + b * sg_b + d.to(tl.int64)[:, None] * sg_d
-    dx_base = dx_ptr + b * sdx_b + d.to(tl.int64)[:, None] * sdx_d
-    rows = (b * 4 + k) * (R + 2 * N) * L  # this (batch, direction)'s (R + 2N, L) rows
-    proj, dproj = proj_ptr + rows, dproj_ptr + rows
+    mask_n = n < N
+    C = R + 2 * N
+    proj = proj_ptr + (b * 4 + k) * C * L  # this (batch, direction)'s (R + 2N, L) rows
+    dproj = dproj_ptr + ((group * B + b) * 4 + k) * C * L  # and this group's gradient of them
     n_chunks = tl.cdiv(L, BT)
-    state_rows = states_ptr + ((b * 4 + k) * D + d.to(tl.int64))[:, None] * n_chunks * N + n[None, :]
-    reverse, column = k >= 2, (k % 2) == 1
+    reverse = k >= 2
     step = tl.arange(0, BT)
     first_step = step[None, None, :] == 0
     last_step = step[None, None, :] == BT - 1
-    next_step = tl.broadcast_to(tl.minimum(step + 1, BT - 1)[None, None, :], (BD, BN, BT))
 
-    carry = tl.zeros((BD, BN), dtype=tl.float32)  # a_t·g_t at the first step of the chunk after
-    d_a = tl.zeros((BD, BN), dtype=tl.float32)
-    d_bias = tl.zeros((BD,), dtype=tl.float32)
-    d_skip = tl.zeros((BD,), dtype=tl.float32)
-    d_wdt = tl.zeros((BD, BR), dtype=tl.float32)
-    for i in range(0, n_chunks):
-        chunk = n_chunks - 1 - i
-        t = chunk * BT + step.to(tl.int64)
-        mask_t = t < L
-        s = tl.where(reverse, L - 1 - t, t)  # position along the unreversed order
-        h = tl.where(column, s % H, s // W)
-        w = tl.where(column, s // H, s % W)
-        pixel = h * W + w
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
+    for blk in range(0, BLOCKS_PER_GROUP):
+        d = (group * BLOCKS_PER_GROUP + blk) * BD + tl.arange(0, BD)
+        mask_d = d < D
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kd = k * D + d
+        kd64 = kd.to(tl.int64)
 
-        u = tl.load(x_base + h[None, :] * sx_h + w[None, :] * sx_w, mask=mask_dt, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + h[None, :] * sg_h + w[None, :] * sg_w, mask=mask_dt, other=0.0).to(tl.float32)
-        b_t = tl.load(proj + (R + n)[:, None] * L + pixel[None, :], mask=mask_nt, other=0.0)
-        c_t = tl.load(proj + (R + N + n)[:, None] * L + pixel[None, :], mask=mask_nt, other=0.0)
-        pre = tl.zeros((BD, BT), dtype=tl.float32) + dt_bias[:, None]
-        for j in range(R):
-            w_j = tl.load(wdt_ptr + kd * R + j, mask=mask_d, other=0.0).to(tl.float32)
-            dt_j = tl.load(proj + j * L + pixel, mask=mask_t, other=0.0)
-            pre += w_j[:, None] * dt_j[None, :]
-        if SOFTPLUS:
-            delta = _softplus(pre)
-        else:
-            delta = pre
+        a_log = tl.load(alog_ptr + kd[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+        A = -tl.exp(a_log)
+        a2 = A * 1.4426950408889634  # exp(δA) = exp2(δ·a2)
+        dt_bias = tl.load(bdt_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
+        skip = tl.load(ds_ptr + kd, mask=mask_d, other=0.0).to(tl.float32)
 
-        # Forward inside the chunk, from its saved start state.
-        decay = tl.exp2(delta[:, None, :] * a2[:, :, None])
-        decay = tl.where(mask_t[None, None, :], decay, 1.0)
-        du_in = delta * u
-        inputs = tl.where(mask_t[None, None, :], du_in[:, None, :] * b_t[None, :, :], 0.0)
-        decay_acc, input_acc = tl.associative_scan((decay, inputs), axis=2, combine_fn=_linear_recurrence)
-        start = tl.load(state_rows + chunk * N, mask=mask_dn, other=0.0)
-        states = decay_acc * start[:, :, None] + input_acc
+        rows = ((k % 2) * B + b) * D + d.to(tl.int64)  # this direction's copies of x and dy
+        x_base = seq_ptr + rows[:, None] * L
+        dy_base = dy_ptr + rows[:, None] * L
+        du_base = du_ptr + ((k * B + b) * D + d.to(tl.int64))[:, None] * L
+        state_rows = states_ptr + ((b * 4 + k) * D + d.to(tl.int64))[:, None] * n_chunks * N + n[None, :]
+        next_step = tl.broadcast_to(tl.minimum(step + 1, BT - 1)[None, None, :], (BD, BN, BT))
 
-        # Adjoint, last step first: g_t = e_t + a_{t+1} g_{t+1}; the chunk's last step takes the
-        # carry from the chunk after (its a·g at the first step) with factor 1.
-        emitted = dy[:, None, :] * c_t[None, :, :]
-        decay_next = tl.where(last_step, 1.0, tl.gather(decay, next_step, axis=2))
-        carry_acc, grad_acc = tl.associative_scan((decay_next, emitted), axis=2, combine_fn=_linear_recurrence,
-                                                  reverse=True)
-        g = grad_acc + carry_acc * carry[:, :, None]
-        carry = tl.sum(tl.where(first_step, decay * g, 0.0), axis=2)
+        carry = tl.zeros((BD, BN), dtype=tl.float32)  # a_t·g_t at the first step of the chunk after
+        d_a = tl.zeros((BD, BN), dtype=tl.float32)
+        d_bias = tl.zeros((BD,), dtype=tl.float32)
+        d_skip = tl.zeros((BD,), dtype=tl.float32)
+        d_wdt = tl.zeros((BD, BR), dtype=tl.float32)
+        for i in range(0, n_chunks):
+            chunk = n_chunks - 1 - i
+            t = chunk * BT + step.to(tl.int64)
+            mask_t = t < L
+            s = tl.where(reverse, L - 1 - t, t)  # position along the unreversed order: the address
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            mask_nt = mask_n[:, None] & mask_t[None, :]
 
-        g_b = tl.sum(g * b_t[None, :, :], axis=1)  # (BD, BT)
-        decayed_prev = g * (states - inputs)  # g_t · a_t h_{t-1}
-        d_delta = u * g_b + tl.sum(decayed_prev * A[:, :, None], axis=1)
-        d_a += tl.sum(decayed_prev * delta[:, None, :], axis=2)
-        if SOFTPLUS:
-            # softplus' = sigmoid, and 1 above the pass-through threshold.
-            d_pre = tl.where(pre <= 20.0, d_delta / (1.0 + tl.exp(-pre)), d_delta)
-        else:
-            d_pre = d_delta
-        d_pre = tl.where(mask_dt, d_pre, 0.0)
-        d_bias += tl.sum(d_pre, axis=1)
-        d_skip += tl.sum(dy * u, axis=1)
+            u = tl.load(x_base + s[None, :], mask=mask_dt, other=0.0)
+            dy = tl.load(dy_base + s[None, :], mask=mask_dt, other=0.0)
+            b_t = tl.load(proj + (R + n)[:, None] * L + s[None, :], mask=mask_nt, other=0.0)
+            c_t = tl.load(proj + (R + N + n)[:, None] * L + s[None, :], mask=mask_nt, other=0.0)
+            pre = tl.zeros((BD, BT), dtype=tl.float32) + dt_bias[:, None]
+            for j in range(R):
+                w_j = tl.load(wdt_ptr + kd * R + j, mask=mask_d, other=0.0).to(tl.float32)
+                dt_j = tl.load(proj + j * L + s, mask=mask_t, other=0.0)
+                pre += w_j[:, None] * dt_j[None, :]
+            if SOFTPLUS:
+                delta = _softplus(pre)
+            else:
+                delta = pre
 
-        du = delta * g_b + skip[:, None] * dy
-        tl.atomic_add(dx_base + h[None, :] * sdx_h + w[None, :] * sdx_w, du, mask=mask_dt, sem="relaxed")
-        d_b = tl.sum(g * du_in[:, None, :], axis=0)  # (BN, BT)
-        d_c = tl.sum(states * dy[:, None, :], axis=0)
-        tl.atomic_add(dproj + (R + n)[:, None] * L + pixel[None, :], d_b, mask=mask_nt, sem="relaxed")
-        tl.atomic_add(dproj + (R + N + n)[:, None] * L + pixel[None, :], d_c, mask=mask_nt, sem="relaxed")
-        for j in range(R):
-            w_j = tl.load(wdt_ptr + kd * R + j, mask=mask_d, other=0.0).to(tl.float32)
-            dt_j = tl.load(proj + j * L + pixel, mask=mask_t, other=0.0)
-            tl.atomic_add(dproj + j * L + pixel, tl.sum(w_j[:, None] * d_pre, axis=0), mask=mask_t, sem="relaxed")
-            d_wdt += tl.where(r[None, :] == j, tl.sum(d_pre * dt_j[None, :], axis=1)[:, None], 0.0)
+            # Forward inside the chunk, from its saved start state.
+            decay = tl.exp2(delta[:, None, :] * a2[:, :, None])
+            decay = tl.where(mask_t[None, None, :], decay, 1.0)
+            du_in = delta * u
+            inputs = tl.where(mask_t[None, None, :], du_in[:, None, :] * b_t[None, :, :], 0.0)
+            decay_acc, input_acc = tl.associative_scan((decay, inputs), axis=2, combine_fn=_linear_recurrence)
+            start = tl.load(state_rows + chunk * N, mask=mask_dn, other=0.0)
+            states = decay_acc * start[:, :, None] + input_acc
 
-    per_batch = b * 4 * D + kd64  # row of (B, 4·D) partials
-    tl.store(dalog_ptr + per_batch[:, None] * N + n[None, :], d_a * A, mask=mask_dn)  # dA_log = dA·A
-    tl.store(dbias_ptr + per_batch, d_bias, mask=mask_d)
-    tl.store(dds_ptr + per_batch, d_skip, mask=mask_d)
-    tl.store(dwdt_ptr + per_batch[:, None] * R + r[None, :], d_wdt, mask=mask_d[:, None] & (r[None, :] < R))
+            # Adjoint, last step first: g_t = e_t + a_{t+1} g_{t+1}; the chunk's last step takes the
+            # carry from the chunk after (its a·g at the first step) with factor 1.
+            emitted = dy[:, None, :] * c_t[None, :, :]
+            decay_next = tl.where(last_step, 1.0, tl.gather(decay, next_step, axis=2))
+            carry_acc, grad_acc = tl.associative_scan((decay_next, emitted), axis=2, combine_fn=_linear_recurrence,
+                                                      reverse=True)
+            g = grad_acc + carry_acc * carry[:, :, None]
+            carry = tl.sum(tl.where(first_step, decay * g, 0.0), axis=2)
+
+            g_b = tl.sum(g * b_t[None, :, :], axis=1)  # (BD, BT)
+            decayed_prev = g * (states - inputs)  # g_t · a_t h_{t-1}
+            d_delta = u * g_b + tl.sum(decayed_prev * A[:, :, None], axis=1)
+            d_a += tl.sum(decayed_prev * delta[:, None, :], axis=2)
+            if SOFTPLUS:
+                # softplus' = sigmoid, and 1 above the pass-through threshold.
+                d_pre = tl.where(pre <= 20.0, d_delta / (1.0 + tl.exp(-pre)), d_delta)
+            else:
+                d_pre = d_delta
+            d_pre = tl.where(mask_dt, d_pre, 0.0)
+            d_bias += tl.sum(d_pre, axis=1)
+            d_skip += tl.sum(dy * u, axis=1)
+
+            tl.store(du_base + s[None, :], delta * g_b + skip[:, None] * dy, mask=mask_dt)
+            # The group's rows: read, add this block's sums over its channels, write back.
+            rows_b = dproj + (R + n)[:, None] * L + s[None, :]
+            rows_c = dproj + (R + N + n)[:, None] * L + s[None, :]
+            d_b = tl.sum(g * du_in[:, None, :], axis=0)  # (BN, BT)
+            d_c = tl.sum(states * dy[:, None, :], axis=0)
+            tl.store(rows_b, tl.load(rows_b, mask=mask_nt, other=0.0) + d_b, mask=mask_nt)
+            tl.store(rows_c, tl.load(rows_c, mask=mask_nt, other=0.0) + d_c, mask=mask_nt)
+            for j in range(R):
+                w_j = tl.load(wdt_ptr + kd * R + j, mask=mask_d, other=0.0).to(tl.float32)
+                dt_j = tl.load(proj + j * L + s, mask=mask_t, other=0.0)
+                row_dt = dproj + j * L + s
+                tl.store(row_dt, tl.load(row_dt, mask=mask_t, other=0.0) + tl.sum(w_j[:, None] * d_pre, axis=0),
+                         mask=mask_t)
+                d_wdt += tl.where(r[None, :] == j, tl.sum(d_pre * dt_j[None, :], axis=1)[:, None], 0.0)
+
+        per_batch = b * 4 * D + kd64  # row of (B, 4·D) partials
+        tl.store(dalog_ptr + per_batch[:, None] * N + n[None, :], d_a * A, mask=mask_dn)  # dA_log = dA·A
+        tl.store(dbias_ptr + per_batch, d_bias, mask=mask_d)
+        tl.store(dds_ptr + per_batch, d_skip, mask=mask_d)
+        tl.store(dwdt_ptr + per_batch[:, None] * R + r[None, :], d_wdt, mask=mask_d[:, None] & (r[None, :] < R))
+        # The next block reads the rows this one wrote, perhaps through other threads' layouts.
+        tl.debug_barrier()
 
 
 def _scan_blocks(D: int, N: int, L: int) -> tuple[int, int, int]:
@@ -401,7 +419,7 @@ def _scan_blocks(D: int, N: int, L: int) -> tuple[int, int, int]:
 
     Registers go mostly to the (BD, BT) tiles and their 64-bit addresses, so BD·BT stays at
     or under 512 and the (BD, BN, BT) scan at or under SCAN_BLOCK_ELEMENTS (compiled for sm_80:
-    78 registers at N=1, 104 at N=16, no spills).
+    80 registers at N=1, 102 at N=16, no spills).
     """
     bn = _pow2(N)
     bt = min(_pow2(L), 32, max(SCAN_BLOCK_ELEMENTS // bn, 16))
@@ -409,23 +427,48 @@ def _scan_blocks(D: int, N: int, L: int) -> tuple[int, int, int]:
     return bd, bn, bt
 
 
-def _pixel_projections(image: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor]):
-    """(pixels (B, D, L), proj (B, 4·(R+2N), L)), both fp32: the x projection of every pixel for all
-    four directions at once, in pixel order (one GEMM), which the scans gather from."""
+def _two_orders(image: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W) -> (2, B, D, L) fp32: the image row-major and column-major, each contiguous."""
     B, D, H, W = image.shape
-    pixels = image.reshape(B, D, H * W).to(torch.float32)
-    proj = torch.matmul(x_proj_weight.reshape(-1, D).to(torch.float32), pixels)
+    seq = torch.empty((2, B, D, H * W), dtype=torch.float32, device=image.device)
+    seq[0].view(B, D, H, W).copy_(image)
+    seq[1].view(B, D, W, H).copy_(image.transpose(2, 3))
+    return seq
+
+
+def _direction_projections(seq: torch.Tensor, x_proj_weight: torch.Tensor, x_proj_bias: Optional[torch.Tensor]):
+    """(B, 4, R+2N, L) fp32: direction k's x projection in k's own unreversed order (row-major for
+    k = 0, 2, column-major for k = 1, 3), two batched GEMMs on the two copies."""
+    _, B, D, L = seq.shape
+    K, C, _ = x_proj_weight.shape
+    w = x_proj_weight.to(torch.float32)
+    proj = torch.empty((B, K, C, L), dtype=torch.float32, device=seq.device)
+    for order in (0, 1):  # k = order and order + 2 read the same copy
+        proj[:, order::2] = torch.matmul(w[order::2], seq[order].unsqueeze(1))
     if x_proj_bias is not None:
-        proj = proj + x_proj_bias.reshape(-1, 1).to(torch.float32)
-    return pixels, proj.contiguous()
+        proj += x_proj_bias.to(torch.float32).view(1, K, C, 1)
+    return proj
+
+
+def _merge_directions(per_direction: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(4, B, D, L) at unreversed positions -> (B, D, H, W), summed (k0 + k2) + (k1 + k3)."""
+    _, B, D, _ = per_direction.shape
+    rows = per_direction[0] + per_direction[2]
+    cols = per_direction[1] + per_direction[3]
+    return rows.view(B, D, H, W) + cols.view(B, D, W, H).transpose(2, 3)
+
+
+def _to_layout(image: torch.Tensor, channel_last: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B, D, H, W) -> x's layout, contiguous, in dtype."""
+    out = image.permute(0, 2, 3, 1) if channel_last else image
+    return out.to(dtype, memory_format=torch.contiguous_format)
 
 
 def cross_selective_scan_forward(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                  delta_softplus: bool, out_dtype: Optional[torch.dtype], channel_last: bool):
     """Fused forward; same arguments and result as the reference (fastfuse.reference.cross_scan).
 
-    The four directions are summed with fp32 atomics, so the order of that 4-term sum, and the
-    last bit of the result, may differ from run to run.
+    Deterministic: each direction stores into its own buffer, merged in a fixed order.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     image = x.permute(0, 3, 1, 2) if channel_last else x  # (B, D, H, W) view
@@ -435,37 +478,32 @@ def cross_selective_scan_forward(x, x_proj_weight, x_proj_bias, dt_projs_weight,
     L = H * W
     if x.numel() == 0:
         return x.new_zeros(x.shape, dtype=out_dtype)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if acc == torch.float64:
+    if x.dtype == torch.float64:
         # The kernel's arithmetic is fp32; fp64 (the gradcheck dtype) goes to the reference.
         from fastfuse.reference.cross_scan import cross_selective_scan
         return cross_selective_scan(x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                     delta_softplus, out_dtype, channel_last)
 
-    _, proj = _pixel_projections(image, x_proj_weight, x_proj_bias)
-
-    out = torch.zeros(x.shape, dtype=acc, device=x.device)  # x's layout; the four directions add into it
-    out_image = out.permute(0, 3, 1, 2) if channel_last else out
+    seq = _two_orders(image)
+    proj = _direction_projections(seq, x_proj_weight, x_proj_bias)
+    per_direction = torch.empty((K, B, D, L), dtype=torch.float32, device=x.device)
     bd, bn, bt = _scan_blocks(D, N, L)
-    grid = (B * triton.cdiv(D, bd), K)
-    _css_forward_kernel[grid](
-        image, proj, dt_projs_weight.contiguous(), dt_projs_bias.contiguous(), A_logs.contiguous(), Ds.contiguous(),
-        out_image, out_image, D, H, W, R, N, *image.stride(), *out_image.stride(),
+    _css_forward_kernel[(B * triton.cdiv(D, bd), K)](
+        seq, proj, dt_projs_weight.contiguous(), dt_projs_bias.contiguous(), A_logs.contiguous(), Ds.contiguous(),
+        per_direction, per_direction, B, D, L, R, N,
         SOFTPLUS=bool(delta_softplus), WRITE_OUT=True, SAVE_STATES=False, BD=bd, BN=bn, BT=bt,
-        num_warps=1 if triton_interpret() else (8 if bd * bn * bt >= SCAN_BLOCK_ELEMENTS else 4))
-    return out if out_dtype == acc else out.to(out_dtype)
+        num_warps=_scan_warps(bd * bn * bt, SCAN_BLOCK_ELEMENTS))
+    return _to_layout(_merge_directions(per_direction, H, W), channel_last, out_dtype)
 
 
 def cross_selective_scan_backward(grad, x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                   delta_softplus: bool, out_dtype: Optional[torch.dtype], channel_last: bool):
     """Gradients of all seven tensor inputs (None for an absent x_proj_bias); fused like the forward.
 
-    Three launches and three GEMMs: the pixel projections again (one GEMM), a state pass (the
-    forward kernel storing each chunk's start state, no output), the fused backward kernel, then
-    GEMMs turn the per-pixel projection gradients into dx's projection part and d x_proj_weight.
-    Never materialised: the 4 scanned copies of x or of the output gradient, the 4·D delta maps,
-    any (B, 4, D, L) gradient. fp32 atomics sum dx over directions and the per-pixel gradients
-    over channel blocks, so the last bits may differ from run to run.
+    Launches: the state pass (the forward kernel storing each chunk's start state, no output),
+    the fused backward kernel; around them GEMMs: the projections again, and the projections'
+    gradients (dx's projection part, d x_proj_weight). No atomics: every element has one
+    writer, partials are summed in a fixed order, so the result is deterministic.
     """
     inputs = (x, x_proj_weight, x_proj_bias, dt_projs_weight, dt_projs_bias, A_logs, Ds)
     if x.dtype == torch.float64 or x.numel() == 0:
@@ -481,7 +519,9 @@ def cross_selective_scan_backward(grad, x, x_proj_weight, x_proj_bias, dt_projs_
     K, _, R = dt_projs_weight.shape
     N = A_logs.shape[1]
     L = H * W
-    pixels, proj = _pixel_projections(image, x_proj_weight, x_proj_bias)
+    C = R + 2 * N
+    seq = _two_orders(image)
+    proj = _direction_projections(seq, x_proj_weight, x_proj_bias)
     w_dt, b_dt, a_logs, skip = (t.contiguous() for t in (dt_projs_weight, dt_projs_bias, A_logs, Ds))
     softplus = bool(delta_softplus)
 
@@ -489,44 +529,58 @@ def cross_selective_scan_backward(grad, x, x_proj_weight, x_proj_bias, dt_projs_
     bd_fwd, bn, bt = _scan_blocks(D, N, L)
     states = torch.empty((B, K, D, triton.cdiv(L, bt), N), dtype=acc, device=x.device)
     _css_forward_kernel[(B * triton.cdiv(D, bd_fwd), K)](
-        image, proj, w_dt, b_dt, a_logs, skip, states, states, D, H, W, R, N, *image.stride(), 0, 0, 0, 0,
+        seq, proj, w_dt, b_dt, a_logs, skip, states, states, B, D, L, R, N,
         SOFTPLUS=softplus, WRITE_OUT=False, SAVE_STATES=True, BD=bd_fwd, BN=bn, BT=bt,
         num_warps=_scan_warps(bd_fwd * bn * bt, SCAN_BLOCK_ELEMENTS))
 
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device)  # x's layout; the four directions add into it
-    dx_image = dx.permute(0, 3, 1, 2) if channel_last else dx
-    d_proj = torch.zeros_like(proj)  # per pixel: d dt (R), dB (N), dC (N) of each direction
+    dy = _two_orders(grad_image)
+    bd = _backward_channels(D, bn, bt)
+    groups, per_group = _channel_groups(B, triton.cdiv(D, bd))
+    du = torch.empty((K, B, D, L), dtype=acc, device=x.device)
+    d_proj_groups = torch.zeros((groups, B, K, C, L), dtype=acc, device=x.device)
     d_w_dt = torch.empty((B, K * D, R), dtype=acc, device=x.device)  # per-batch partials
     d_b_dt = torch.empty((B, K * D), dtype=acc, device=x.device)
     d_a_logs = torch.empty((B, K * D, N), dtype=acc, device=x.device)
     d_skip = torch.empty((B, K * D), dtype=acc, device=x.device)
-    bd = _backward_channels(D, bn, bt)
-    _css_backward_kernel[(B * triton.cdiv(D, bd), K)](
-        image, grad_image, proj, w_dt, b_dt, a_logs, skip, states,
-        dx_image, d_proj, d_w_dt, d_b_dt, d_a_logs, d_skip,
-        D, H, W, R, N, *image.stride(), *grad_image.stride(), *dx_image.stride(),
+    _css_backward_kernel[(B * groups, K)](
+        seq, dy, proj, w_dt, b_dt, a_logs, skip, states, du, d_proj_groups, d_w_dt, d_b_dt, d_a_logs, d_skip,
+        B, D, L, R, N, groups, per_group,
         SOFTPLUS=softplus, BD=bd, BN=bn, BT=bt, BR=_pow2(R),
         num_warps=_scan_warps(bd * bn * bt, BACKWARD_BLOCK_ELEMENTS))
-    del states
+    del states, dy
 
-    # The projection is a GEMM per pixel, so are its gradients.
-    w_x = x_proj_weight.reshape(K * (R + 2 * N), D).to(acc)
-    dx_image.reshape(B, D, L).baddbmm_(w_x.t().expand(B, -1, -1), d_proj)  # a view of dx in either layout
-    d_w_x = torch.bmm(d_proj, pixels.transpose(1, 2)).sum(dim=0).reshape(x_proj_weight.shape)
-    d_x_bias = None if x_proj_bias is None else d_proj.sum(dim=(0, 2)).reshape(x_proj_bias.shape)
-    return [dx.to(x.dtype), d_w_x.to(x_proj_weight.dtype),
-            None if d_x_bias is None else d_x_bias.to(x_proj_bias.dtype),
+    # The projection is a GEMM per pixel, so are its gradients: per copy of x (k = order, order + 2).
+    d_proj = d_proj_groups.sum(dim=0) if groups > 1 else d_proj_groups[0]  # (B, 4, C, L)
+    w_x = x_proj_weight.to(acc)
+    d_w_x = torch.empty_like(w_x)
+    for order in (0, 1):
+        d_rows = d_proj[:, order::2].reshape(B, 2 * C, L)
+        du[order].baddbmm_(w_x[order::2].reshape(2 * C, D).t().expand(B, -1, -1), d_rows)
+        d_w_x[order::2] = torch.matmul(d_proj[:, order::2], seq[order].transpose(1, 2).unsqueeze(1)).sum(dim=0)
+    dx = _to_layout(_merge_directions(du, H, W), channel_last, x.dtype)
+    d_x_bias = None if x_proj_bias is None else d_proj.sum(dim=(0, 3)).to(x_proj_bias.dtype)
+    return [dx, d_w_x.to(x_proj_weight.dtype), d_x_bias,
             d_w_dt.sum(dim=0).reshape(dt_projs_weight.shape).to(dt_projs_weight.dtype),
             d_b_dt.sum(dim=0).reshape(dt_projs_bias.shape).to(dt_projs_bias.dtype),
             d_a_logs.sum(dim=0).to(A_logs.dtype), d_skip.sum(dim=0).to(Ds.dtype)]
 
 
+def _channel_groups(B: int, blocks: int) -> tuple[int, int]:
+    """(groups, blocks per group) of the backward's channel blocks: enough programs for a large
+    GPU (TARGET_PROGRAMS over batch × 4 directions × groups), and no more groups than needed,
+    since each group holds its own (B, 4·(R+2N), L) partial of the projection gradients."""
+    wanted = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, 4 * B)))
+    per_group = triton.cdiv(blocks, wanted)
+    return triton.cdiv(blocks, per_group), per_group
+
+
 def _backward_channels(D: int, bn: int, bt: int) -> int:
     """Channels per backward program. Its registers grow by ~30 per tile element a thread holds
-    (compiled for sm_80, 8 warps at N=16: 255 registers at 8 elements, 176 at 4), so the tile
-    is capped at BACKWARD_BLOCK_ELEMENTS: 4 elements per thread, no spills (N=1: 168 registers
-    at 16×1×32 with 4 warps). More channels per program would mean fewer dB/dC/d dt atomics,
-    at the price of spills or occupancy; unmeasured on a GPU so far."""
+    (compiled for sm_80, 8 warps at N=16: 255 registers at 8 elements, 208 at 4), so the tile
+    is capped at BACKWARD_BLOCK_ELEMENTS: 4 elements per thread, no spills at sm_80..sm_90 (N=1:
+    168 registers at 16×1×32 with 4 warps). More channels per block would mean fewer
+    read-modify-writes of the group's projection-gradient rows, at the price of spills or
+    occupancy; unmeasured on a GPU so far."""
     return min(_pow2(D), 16, max(BACKWARD_BLOCK_ELEMENTS // (bn * bt), 1))
 
 
