@@ -268,8 +268,17 @@ forward_kernel(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__
   }
 }
 
+// With __launch_bounds__(256) ptxas 13 for sm_90 holds the fp32 cached backward to 128 registers
+// and spills 40 B; __maxnreg__(255) (CUDA 12.4+) lets it take the ~160 it needs, as sm_80-89 do
+// by themselves. Blocks of 256 threads still fit: 256 × 255 < 65536 registers per SM.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define FASTFUSE_SAM_BACKWARD_BOUNDS __maxnreg__(255)
+#else
+#define FASTFUSE_SAM_BACKWARD_BOUNDS __launch_bounds__(kThreadsPerBlock)
+#endif
+
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void FASTFUSE_SAM_BACKWARD_BOUNDS
 backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ y,
                 T* __restrict__ gx, T* __restrict__ gy, int64_t batch, int64_t channels,
                 int64_t pixels, acc_t<T> eps, bool degrees) {

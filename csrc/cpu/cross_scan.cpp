@@ -25,11 +25,7 @@
 
 namespace py = pybind11;
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
-#define FASTFUSE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
-#else
-#define FASTFUSE_CPU_CLONES
-#endif
+#include "cpu_common.h"  // FASTFUSE_CPU_CLONES
 
 namespace {
 
