@@ -305,6 +305,75 @@ def cross_scan_cases():
     return cases
 
 
+def select_cases():
+    """SRLF-Net's selective re-learning at 4×64×128×128, λ = 0.1: select the K = ceil(λ·L) points
+    (per-image counts, capacity K), gather Y′ + Y there, scatter the re-learned values back."""
+    from fastfuse.reference import select as ref
+    g = torch.Generator().manual_seed(7)
+    B, C, H, W = 4, 64, 128, 128
+    L = H * W
+    K = (L + 9) // 10
+    score = torch.rand(B, L, generator=g)
+    counts = K - 7 * torch.arange(B)                     # per-image ratios: some slots invalid
+    a, b = torch.randn(B, C, H, W, generator=g), torch.randn(B, C, H, W, generator=g)
+    values = torch.randn(B, C, K, generator=g)
+    idx, valid = fastfuse.select_points(score, counts, capacity=K)
+    full = fastfuse.select_points(score, K)              # every slot valid, for "replace"
+    e, ef, mask = idx[:, None].expand(B, C, K), full[:, None].expand(B, C, K), valid[:, None]
+    leaf = lambda t: t.detach().requires_grad_(True)    # noqa: E731
+    tag = f"{B}x{C}x{H}x{W} K{K}"
+    cases = {}
+
+    def plain_masked_topk():
+        sel = torch.topk(score, K, largest=False).indices
+        ok = torch.arange(K)[None] < counts[:, None]
+        return torch.where(ok, torch.where(ok, sel, L).sort(1).values, 0), ok
+
+    sel = {"fastfuse-cpu": lambda: fastfuse.select_points(score, counts, capacity=K, backend="cpu"),
+           "fastfuse-torch (reference)": lambda: fastfuse.select_points(score, counts, capacity=K, backend="torch"),
+           "torch.topk + sort": plain_masked_topk}
+    c = compiled(ref.select_points_masked)
+    if c is not None:
+        sel["torch.compile (reference)"] = lambda: c(score, counts, K)
+    cases[f"select_points masked {B}x{L} K{K} fwd"] = sel
+
+    # (fastfuse call, plain torch, reference) per op; fwd+bwd takes leaves.
+    ops = {
+        "gather_points": (lambda x: fastfuse.gather_points(x, idx, valid, backend="cpu"),
+                          lambda x: torch.gather(x.flatten(2), 2, e) * mask,
+                          lambda x: ref.gather_points(x, idx, valid), (a,)),
+        "gather_sum_points": (lambda x, y: fastfuse.gather_sum_points(x, y, idx, valid, backend="cpu"),
+                              lambda x, y: (torch.gather(x.flatten(2), 2, e) + torch.gather(y.flatten(2), 2, e)) * mask,
+                              lambda x, y: ref.gather_sum_points(x, y, idx, valid), (a, b)),
+        "scatter_points add": (lambda x, v: fastfuse.scatter_points(x, v, idx, valid=valid, backend="cpu"),
+                               lambda x, v: x.flatten(2).scatter_add(2, e, v * mask),
+                               lambda x, v: ref.scatter_points(x, v, idx, valid, "add"), (a, values)),
+        "scatter_points replace": (lambda x, v: fastfuse.scatter_points(x, v, full, reduce="replace", backend="cpu"),
+                                   lambda x, v: x.flatten(2).scatter(2, ef, v),
+                                   lambda x, v: ref.scatter_points(x, v, full, None, "replace"), (a, values)),
+        "add_scatter_points": (lambda x, y, v: fastfuse.add_scatter_points(x, y, v, idx, valid, backend="cpu"),
+                               lambda x, y, v: (x + y).flatten(2).scatter_add_(2, e, v * mask),
+                               lambda x, y, v: ref.add_scatter_points(x, y, v, idx, valid), (a, b, values)),
+    }
+    map_bytes, slot_bytes = a.numel() * a.element_size(), values.numel() * values.element_size()
+    MIN_BYTES[f"gather_points {tag} fwd"] = 2 * slot_bytes                       # read K points, write them
+    MIN_BYTES[f"gather_sum_points {tag} fwd"] = 3 * slot_bytes
+    MIN_BYTES[f"scatter_points add {tag} fwd"] = 2 * map_bytes + slot_bytes       # read base + values, write out
+    MIN_BYTES[f"scatter_points replace {tag} fwd"] = 2 * map_bytes + slot_bytes
+    MIN_BYTES[f"add_scatter_points {tag} fwd"] = 3 * map_bytes + slot_bytes
+    for name, (ours, plain, reference, inputs) in ops.items():
+        comp = compiled(reference)
+        fwd = {"fastfuse-cpu": lambda f=ours, i=inputs: f(*i), "plain torch": lambda f=plain, i=inputs: f(*i)}
+        bwd = {"fastfuse-cpu": _fwdbwd(lambda f=ours, i=inputs: f(*map(leaf, i))),
+               "plain torch": _fwdbwd(lambda f=plain, i=inputs: f(*map(leaf, i)))}
+        if comp is not None:
+            fwd["torch.compile (reference)"] = lambda f=comp, i=inputs: f(*i)
+            bwd["torch.compile (reference)"] = _fwdbwd(lambda f=comp, i=inputs: f(*map(leaf, i)))
+        cases[f"{name} {tag} fwd"] = fwd
+        cases[f"{name} {tag} fwd+bwd"] = bwd
+    return cases
+
+
 def scan_cases():
     g = torch.Generator().manual_seed(4)
     b, d, n, L = 1, 384, 16, 1024
@@ -395,7 +464,7 @@ def metrics_cases():
 
 
 GROUPS = {"ssim": ssim_cases, "sam": sam_cases, "degrade": degrade_cases, "cross_scan": cross_scan_cases,
-          "scan": scan_cases, "attention": attention_and_guidance_cases, "metrics": metrics_cases}
+          "select": select_cases, "scan": scan_cases, "attention": attention_and_guidance_cases, "metrics": metrics_cases}
 
 
 # --------------------------------------------------------------------------- runner
@@ -452,6 +521,9 @@ def render(result: dict) -> str:
              "p50 of interleaved repeated calls; peak = resident memory one call adds at its peak (glibc's mmap "
              "threshold fixed at 128 KB so freed buffers are returned and every call's allocations are seen). "
              "Ratio = provider time / fastfuse time (> 1: fastfuse is faster).", "",
+             *[f"Groups {', '.join(r['groups'])} were rerun with `{r['command']}` ({r['date']}, copy bandwidth of that "
+               f"run {r['copy_gbps']:.2f} GB/s) and replace the first run's rows." for r in result.get("reruns", [])],
+             "",
              "## Summary: fastfuse against the fastest other provider of each case", "",
              "| case | fastfuse ms | fastest other | its ms | speed-up | share of copy bandwidth |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -492,6 +564,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of repeats per provider and case")
     parser.add_argument("--only", help=f"comma-separated groups of {sorted(GROUPS)}")
+    parser.add_argument("--update", metavar="JSON",
+                        help="rerun only the --only groups and replace their cases in this earlier result file "
+                             "(its other cases, machine stamp and copy bandwidth are kept; both commands are recorded)")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the torch.compile peers (each compiles on its first call: minutes on 2 cores)")
     args = parser.parse_args(argv)
@@ -506,6 +581,13 @@ def main(argv=None) -> int:
                            "python": platform.python_version()},
               "command": "python bench/bench_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "copy_gbps": copy_gbps(), "cases": {}}
+    if args.update:
+        earlier = json.loads(Path(args.update).read_text())
+        result["reruns"] = earlier.get("reruns", []) + [{"command": result["command"], "date": result["date"],
+                                                          "copy_gbps": result["copy_gbps"], "groups": groups}]
+        result["command"], result["date"], result["copy_gbps"] = earlier["command"], earlier["date"], earlier["copy_gbps"]
+        result["cases"] = earlier["cases"]
+        MIN_BYTES.update(earlier.get("min_bytes", {}))
     for group in groups:
         for case, providers in GROUPS[group]().items():
             print(f"{case} ...", flush=True)

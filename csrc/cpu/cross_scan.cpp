@@ -35,10 +35,54 @@ struct Image {  // sizes and element strides of the image side, as (B, C, H, W) 
   int64_t B, C, H, W, sb, sc, sh, sw;
 };
 
+// Channel-first images (the usual case) go plane by plane: directions 0 and 2 are a forward and
+// a reversed copy of the row-major plane, directions 1 and 3 a transpose taken in kTile × kTile
+// tiles so that both sides stay in L1 (a per-pixel loop over channels would stride by H·W on
+// every read and on all four writes). Channel-last images read each pixel's channels at unit
+// stride instead, and keep the per-pixel loop over a block of channels.
+constexpr int64_t kTile = 32;
+
+template <typename Bits>
+void scan_plane(const Bits* src, int64_t sh, int64_t sw, int64_t H, int64_t W, Bits* o0, Bits* o1, Bits* o2,
+                Bits* o3) {
+  const int64_t L = H * W;
+  for (int64_t h = 0; h < H; ++h) {
+    const Bits* line = src + h * sh;
+    for (int64_t w = 0; w < W; ++w) {
+      const Bits v = line[w * sw];
+      o0[h * W + w] = v;
+      o2[L - 1 - (h * W + w)] = v;
+    }
+  }
+  for (int64_t h0 = 0; h0 < H; h0 += kTile) {
+    const int64_t h1 = std::min(H, h0 + kTile);
+    for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+      const int64_t w1 = std::min(W, w0 + kTile);
+      for (int64_t w = w0; w < w1; ++w) {
+        for (int64_t h = h0; h < h1; ++h) {
+          const Bits v = src[h * sh + w * sw];
+          o1[w * H + h] = v;
+          o3[L - 1 - (w * H + h)] = v;
+        }
+      }
+    }
+  }
+}
+
 template <typename Bits>
 void scan_impl(const Bits* x, Bits* out, const Image& g, int nthreads) {
   // out: contiguous (B, 4, C, L).
-  const int64_t L = g.H * g.W, blocks = (g.C + kChannelBlock - 1) / kChannelBlock;
+  const int64_t L = g.H * g.W;
+  if (g.sc != 1 || g.C == 1) {  // channel-first: one task per (batch, channel) plane
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t task = 0; task < g.B * g.C; ++task) {
+      const int64_t b = task / g.C, c = task % g.C;
+      Bits* o = out + (b * 4 * g.C + c) * L;
+      scan_plane(x + b * g.sb + c * g.sc, g.sh, g.sw, g.H, g.W, o, o + g.C * L, o + 2 * g.C * L, o + 3 * g.C * L);
+    }
+    return;
+  }
+  const int64_t blocks = (g.C + kChannelBlock - 1) / kChannelBlock;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t task = 0; task < g.B * blocks; ++task) {
     const int64_t b = task / blocks, c0 = (task % blocks) * kChannelBlock, c1 = std::min(g.C, c0 + kChannelBlock);
@@ -59,11 +103,41 @@ void scan_impl(const Bits* x, Bits* out, const Image& g, int nthreads) {
   }
 }
 
+// One (batch, channel) plane of the merge into a row-major output plane (unit stride): the row
+// directions in one linear pass, then the column directions added tile by tile. Summed in the
+// order of the reference, (k0 + k2) + (k1 + k3), rounded once per pair as there.
+template <typename T>
+void merge_plane(const T* y0, const T* y1, const T* y2, const T* y3, int64_t sl, int64_t H, int64_t W, T* o) {
+  const int64_t L = H * W;
+  for (int64_t t = 0; t < L; ++t) o[t] = y0[t * sl] + y2[(L - 1 - t) * sl];
+  for (int64_t h0 = 0; h0 < H; h0 += kTile) {
+    const int64_t h1 = std::min(H, h0 + kTile);
+    for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+      const int64_t w1 = std::min(W, w0 + kTile);
+      for (int64_t w = w0; w < w1; ++w) {
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t col = w * H + h;
+          o[h * W + w] += y1[col * sl] + y3[(L - 1 - col) * sl];
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void merge_impl(const T* ys, const int64_t* ss, T* out, const Image& g, bool channel_last, int nthreads) {
   // ys: (B, 4, C, L) with strides ss; out: contiguous (B, C, L), or (B, L, C) if channel_last.
-  const int64_t L = g.H * g.W, blocks = (g.C + kChannelBlock - 1) / kChannelBlock;
-  const int64_t so_c = channel_last ? 1 : L, so_l = channel_last ? g.C : 1;
+  const int64_t L = g.H * g.W;
+  if (!channel_last) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t task = 0; task < g.B * g.C; ++task) {
+      const int64_t b = task / g.C, c = task % g.C;
+      const T* y = ys + b * ss[0] + c * ss[2];
+      merge_plane(y, y + ss[1], y + 2 * ss[1], y + 3 * ss[1], ss[3], g.H, g.W, out + (b * g.C + c) * L);
+    }
+    return;
+  }
+  const int64_t blocks = (g.C + kChannelBlock - 1) / kChannelBlock;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t task = 0; task < g.B * blocks; ++task) {
     const int64_t b = task / blocks, c0 = (task % blocks) * kChannelBlock, c1 = std::min(g.C, c0 + kChannelBlock);
@@ -77,7 +151,7 @@ void merge_impl(const T* ys, const int64_t* ss, T* out, const Image& g, bool cha
           // Summed in the order of the reference: (k0 + k2) + (k1 + k3).
           const T first = yc[row * ss[3]] + yc[2 * ss[1] + (L - 1 - row) * ss[3]];
           const T second = yc[ss[1] + col * ss[3]] + yc[3 * ss[1] + (L - 1 - col) * ss[3]];
-          o[c * so_c + row * so_l] = first + second;
+          o[row * g.C + c] = first + second;
         }
       }
     }
