@@ -13,8 +13,11 @@ backends.register(OP, "triton", "fastfuse.triton.sam:sam_map_forward",
                   "fastfuse.triton.sam:sam_map_backward", int64_indexing=True)
 backends.register(OP, "cuda", "fastfuse.cuda.sam:sam_map_forward", "fastfuse.cuda.sam:sam_map_backward",
                   int64_indexing=True)
-# Triton first: its kernels have run whole (through the interpreter); the CUDA kernels' per-pixel
-# code is tested on the host but their launches have not yet run on a GPU.
+# Triton first. Both are one read of x and y per pixel (the compile estimate,
+# bench/results/2026-12-02_compile-model.md: same memory floor, no spills on any target), so the
+# estimate cannot rank them; what decides is validation: the Triton kernels have run whole
+# (through the interpreter) against float64, the CUDA kernels only their per-pixel code on the
+# host. A GPU run (bench/gpu_session.sh) is what should reorder this.
 backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 

@@ -29,7 +29,10 @@ backends.register(OP, "triton", "fastfuse.triton.selective_scan:selective_scan_f
 backends.register(OP, "cuda", "fastfuse.cuda.selective_scan:selective_scan_forward",
                   "fastfuse.cuda.selective_scan:selective_scan_backward", int64_indexing=True)
 # "auto" keeps Triton ahead of the CUDA kernels until a GPU run has validated the CUDA path (so
-# far it is tested only through the host-compiled block bodies); backend="cuda" selects it.
+# far it is tested only through the host-compiled block bodies); backend="cuda" selects it. The
+# compile estimate (bench/results/2026-12-02_compile-model.md) cannot rank them: both stream the
+# same bytes with the states in registers and neither spills in fp32 (the CUDA fp16/bf16 forward
+# has a 32 B budget at sm_80).
 backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 

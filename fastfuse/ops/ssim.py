@@ -16,8 +16,11 @@ backends.register(OP, "torch", "fastfuse.reference.ssim:ssim_map")
 backends.register(OP, "triton", "fastfuse.triton.ssim:ssim_map_forward",
                   "fastfuse.triton.ssim:ssim_map_backward", int64_indexing=True)
 backends.register(OP, "cuda", "fastfuse.cuda.ssim:ssim_map_forward", "fastfuse.cuda.ssim:ssim_map_backward")
-# Triton first: its kernels have run whole (through the interpreter); the CUDA kernels' per-thread
-# code is tested on the host but their launches have not yet run on a GPU.
+# Triton first. The compile estimate (bench/results/2026-12-02_compile-model.md) gives both paths
+# the same memory floor and no spills, and puts the Triton kernels' instruction count at 1–3× of
+# it, so it cannot rank them by speed; what decides is validation: the Triton kernels have run
+# whole (through the interpreter) against float64, the CUDA kernels only their per-thread code on
+# the host. A GPU run (bench/gpu_session.sh) is what should reorder this.
 backends.set_preference(OP, ("triton", "cuda", "torch"))
 
 
