@@ -42,6 +42,20 @@ struct Image {  // sizes and element strides of the image side, as (B, C, H, W) 
 // stride instead, and keep the per-pixel loop over a block of channels.
 constexpr int64_t kTile = 32;
 
+// Every (h, w) of an H × W plane, kTile × kTile tile by tile, column-major inside a tile: the
+// order of a cache-friendly transpose between row-major and column-major planes.
+template <typename F>
+void for_each_in_tiles(int64_t H, int64_t W, F&& visit) {
+  for (int64_t h0 = 0; h0 < H; h0 += kTile) {
+    const int64_t h1 = std::min(H, h0 + kTile);
+    for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+      const int64_t w1 = std::min(W, w0 + kTile);
+      for (int64_t w = w0; w < w1; ++w)
+        for (int64_t h = h0; h < h1; ++h) visit(h, w);
+    }
+  }
+}
+
 template <typename Bits>
 void scan_plane(const Bits* src, int64_t sh, int64_t sw, int64_t H, int64_t W, Bits* o0, Bits* o1, Bits* o2,
                 Bits* o3) {
@@ -54,19 +68,11 @@ void scan_plane(const Bits* src, int64_t sh, int64_t sw, int64_t H, int64_t W, B
       o2[L - 1 - (h * W + w)] = v;
     }
   }
-  for (int64_t h0 = 0; h0 < H; h0 += kTile) {
-    const int64_t h1 = std::min(H, h0 + kTile);
-    for (int64_t w0 = 0; w0 < W; w0 += kTile) {
-      const int64_t w1 = std::min(W, w0 + kTile);
-      for (int64_t w = w0; w < w1; ++w) {
-        for (int64_t h = h0; h < h1; ++h) {
-          const Bits v = src[h * sh + w * sw];
-          o1[w * H + h] = v;
-          o3[L - 1 - (w * H + h)] = v;
-        }
-      }
-    }
-  }
+  for_each_in_tiles(H, W, [&](int64_t h, int64_t w) {
+    const Bits v = src[h * sh + w * sw];
+    o1[w * H + h] = v;
+    o3[L - 1 - (w * H + h)] = v;
+  });
 }
 
 template <typename Bits>
@@ -110,18 +116,10 @@ template <typename T>
 void merge_plane(const T* y0, const T* y1, const T* y2, const T* y3, int64_t sl, int64_t H, int64_t W, T* o) {
   const int64_t L = H * W;
   for (int64_t t = 0; t < L; ++t) o[t] = y0[t * sl] + y2[(L - 1 - t) * sl];
-  for (int64_t h0 = 0; h0 < H; h0 += kTile) {
-    const int64_t h1 = std::min(H, h0 + kTile);
-    for (int64_t w0 = 0; w0 < W; w0 += kTile) {
-      const int64_t w1 = std::min(W, w0 + kTile);
-      for (int64_t w = w0; w < w1; ++w) {
-        for (int64_t h = h0; h < h1; ++h) {
-          const int64_t col = w * H + h;
-          o[h * W + w] += y1[col * sl] + y3[(L - 1 - col) * sl];
-        }
-      }
-    }
-  }
+  for_each_in_tiles(H, W, [&](int64_t h, int64_t w) {
+    const int64_t col = w * H + h;
+    o[h * W + w] += y1[col * sl] + y3[(L - 1 - col) * sl];
+  });
 }
 
 template <typename T>
