@@ -115,10 +115,10 @@ def render_markdown(rows: Sequence[dict], *, include_skipped: bool = True) -> st
             ratio = f"{best_peer['p50_ms'] / row['p50_ms']:.2f}×" if best_peer else "-"
             lines.append(f"| {row['provider']} | {_fmt(row['p50_ms'])} | {_fmt(row['p20_ms'])}–{_fmt(row['p80_ms'])} | "
                          f"{_fmt(row.get('gbps'))} | {_fmt(row.get('pct_copy_bw'))} | {_fmt(row.get('tflops'))} | "
-                         f"{_fmt(row.get('peak_mb'))} | {ratio} | {row.get('note') or ''} |")
+                         f"{_fmt(row.get('peak_mb'))} | {ratio} | {_cell(row.get('note'))} |")
         for row in group:
             if row.get("status") != "ok" and (include_skipped or row.get("status") == "error"):
-                lines.append(f"| {row['provider']} | {row['status']} | | | | | | | {row.get('note') or ''} |")
+                lines.append(f"| {row['provider']} | {row['status']} | | | | | | | {_cell(row.get('note'))} |")
         if best_ours:
             speedup = f"{best_peer['p50_ms'] / best_ours['p50_ms']:.2f}×" if best_peer else "-"
             summary.append(f"| {op} | {case} | {dtype} | {mode} | {best_ours['provider']} "
@@ -178,6 +178,11 @@ def write_plots(rows: Sequence[dict], stem: Path) -> list[Path]:
             plt.close(fig)
             written.append(path)
     return written
+
+
+def _cell(text) -> str:
+    """A note as one markdown table cell: an error message's newlines and pipes would break the row."""
+    return " ".join(str(text or "").split()).replace("|", "\\|")
 
 
 def write_results(rows: Sequence[dict], out_dir: str | Path, *, plots: bool = True) -> dict:
