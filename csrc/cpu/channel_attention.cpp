@@ -26,6 +26,7 @@
 namespace py = pybind11;
 
 #include "cpu_common.h"  // FASTFUSE_CPU_CLONES
+#include "scan_math.h"   // exp2_poly
 
 namespace {
 
@@ -264,21 +265,10 @@ void reduce_runs(const std::vector<float>& part, int64_t N, int64_t runs, int64_
 }
 
 // e^x for x ≤ 0 (logits minus their row's peak), vectorisable (libm's expf is not without
-// -ffast-math): Cody–Waite reduction by ln 2 and Cephes' degree-6 polynomial, ~1 ulp; below
-// −87 (where e^x leaves fp32's normal range) it returns e^−87, which a softmax row cannot tell from 0.
+// -ffast-math): the scans' 2^t polynomial at x·log2(e); below −87 (where e^x leaves fp32's normal
+// range) it returns e^−87, which a softmax row cannot tell from 0.
 FASTFUSE_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n, n in [−126, 0]
-  return p * __builtin_bit_cast(float, bits);
+  return fastfuse_cpu::exp2_poly(std::max(x, -87.0f) * 1.44269504088896341f);
 }
 
 // The C × C step for problem n: the unit logits U (G over the clamped norms, or G) and the

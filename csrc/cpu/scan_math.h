@@ -1,4 +1,4 @@
-// Vectorisable math shared by the cpu scan kernels (selective_scan.cpp, cross_scan.cpp).
+// Vectorisable math shared by the cpu kernels (selective_scan.cpp, cross_scan.cpp, channel_attention.cpp).
 #pragma once
 
 #include <cmath>
